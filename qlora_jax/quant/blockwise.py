@@ -1,0 +1,147 @@
+"""Blockwise absmax quantization as bitsandbytes 0.50 computes it on the CPU: pure ``jnp``.
+
+All functions work on the flat, row-major ``f32[n]`` view of a tensor (the order
+in which torch flattens a ``[out_features, in_features]`` weight). Blocks are
+consecutive runs of ``blocksize`` elements; the last block may be partial.
+
+Where bnb's CUDA kernel would differ from its CPU oracle (documented, not emulated):
+- 4-bit codes: the CUDA kernel scales by ``x * (1 / absmax)`` in every block and
+  resolves midpoint ties with its own comparison tree; the CPU path divides the
+  partial last block (``x / absmax``) and sends a value on a midpoint to the lower
+  code. On random data the two agree except on exact midpoints.
+- double quantization: bnb 0.50's CPU library rounds ``x / nested_absmax`` to the
+  8-bit map through a 65536-slot lookup table (slot ``floor((x + 1) * 32767.5 + 0.5)``,
+  each slot holding the code nearest to its centre), so a value within 1.5e-5 of a
+  midpoint can take the farther code; the CUDA kernel searches for the exact
+  nearest code. We follow the CPU table (measured against bnb 0.50.2 on 150k
+  values, tests/test_quant.py checks the fixtures).
+- subnormal inputs: XLA on the CPU flushes subnormal floats (|x| < 2**-126) to
+  zero. Real weights hold none; a subnormal element is treated as 0.0, which for
+  FP4/Int4 can pick code 0 where bnb picks code 8 (both decode to 0.0).
+"""
+
+import jax.numpy as jnp
+from jax import lax
+
+from .codebooks import codebook, dynamic_map_lut, dynamic_map_signed, rounding_bounds
+from .torch_sum import torch_cpu_mean
+
+NESTED_BLOCKSIZE = 256  # bnb's blocksize for double quantization of absmax
+_TINY_BITS = 0x006CE3EE  # float32 1e-38 (subnormal): bnb's floor for the absmax of a partial block
+_LUT_SIZE, _LUT_SCALE = 65536, 32767.5  # bnb's 8-bit CPU quantizer: slot = (x + 1) * 32767.5, rounded
+
+
+def rounded(product: jnp.ndarray) -> jnp.ndarray:
+    """Identity that makes a product round to f32 before the add that follows it.
+
+    XLA's CPU backend contracts ``a * b + c`` into one FMA (a single rounding) even
+    without fast-math, and optimization barriers do not survive to code generation;
+    bnb rounds the product first. A select on the product's own NaN test keeps the
+    multiply and the add apart and changes no value.
+    """
+    return jnp.where(product != product, jnp.float32(jnp.nan), product)
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    """How many blocks of ``blocksize`` cover ``numel`` elements (the last may be partial)."""
+    return -(-numel // blocksize)
+
+
+def _block_absmax(x: jnp.ndarray, blocksize: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``x: f32[n]`` -> (full blocks ``f32[n // b, b]``, their absmax ``f32[n // b]``)."""
+    full = (x.shape[0] // blocksize) * blocksize
+    blocks = x[:full].reshape(-1, blocksize)
+    return blocks, jnp.max(jnp.abs(blocks), axis=-1, initial=0.0)
+
+
+def quantize_4bit_codes(x: jnp.ndarray, blocksize: int, quant_type: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Round ``x: f32[n]`` to 4-bit codes, bnb's CPU quantize_4bit.
+
+    Returns (``codes: u8[n + n % 2]`` in 0..15, ``absmax: f32[N]``); an odd ``n``
+    gets one extra code for the value 0.0, as bnb pads. Full blocks are scaled
+    by the reciprocal of their absmax (clamped to 1e-38), the partial last block by
+    division; the stored absmax of a partial block is the clamped one, as bnb does.
+    A block holding NaN or Inf gets a NaN absmax so it can never decode to finite
+    values.
+    """
+    n = x.shape[0]
+    bounds, order = rounding_bounds(quant_type)
+    blocks, absmax = _block_absmax(x, blocksize)
+    # XLA on CPU flushes subnormals to zero, so bnb's clamp of absmax to 1e-38 would
+    # turn into a division by zero: an all-zero block is scaled by 0 instead (same codes).
+    reciprocal = jnp.where(absmax > 0, jnp.float32(1.0) / absmax, jnp.float32(0.0))
+    scaled = jnp.clip(blocks * reciprocal[:, None], -1.0, 1.0).reshape(-1)
+    finite = jnp.all(jnp.isfinite(blocks), axis=-1)
+    absmax = jnp.where(finite, absmax, jnp.nan)
+    if n % blocksize:
+        rest = x[blocks.size :]
+        rest_absmax = jnp.max(jnp.abs(rest))
+        rest_scaled = jnp.where(rest_absmax > 0, rest / rest_absmax, jnp.float32(0.0))
+        scaled = jnp.concatenate([scaled, jnp.clip(rest_scaled, -1.0, 1.0)])
+        # bnb stores the clamped absmax (1e-38) for an all-zero partial block; set its bits directly.
+        rest_bits = jnp.where(rest_absmax > 0, lax.bitcast_convert_type(rest_absmax, jnp.int32), _TINY_BITS)
+        rest_absmax = jnp.where(jnp.all(jnp.isfinite(rest)), lax.bitcast_convert_type(rest_bits, jnp.float32), jnp.nan)
+        absmax = jnp.concatenate([absmax, rest_absmax[None]])
+    if n % 2:  # bnb pads the scaled values with one 0.0 so that codes pack into whole bytes
+        scaled = jnp.concatenate([scaled, jnp.zeros((1,), scaled.dtype)])
+    rank = jnp.sum(scaled[:, None] > jnp.asarray(bounds)[None, :], axis=-1)
+    codes = jnp.asarray(order, jnp.uint8)[rank]
+    return codes, absmax
+
+
+def dequantize_4bit_codes(codes: jnp.ndarray, absmax: jnp.ndarray, blocksize: int, quant_type: str) -> jnp.ndarray:
+    """``codes: u8[n]``, ``absmax: f32[N]`` -> ``f32[n]``: ``table[code] * absmax[block]`` in f32."""
+    n = codes.shape[0]
+    values = jnp.asarray(codebook(quant_type))[codes.astype(jnp.int32)]
+    scale = jnp.repeat(absmax, blocksize, total_repeat_length=num_blocks(n, blocksize) * blocksize)[:n]
+    return values * scale
+
+
+def pack_nibbles(codes: jnp.ndarray) -> jnp.ndarray:
+    """``codes: u8[2m]`` -> ``u8[m]``, element 2i in the high nibble and 2i + 1 in the low nibble (bnb order)."""
+    if codes.shape[0] % 2:
+        raise ValueError(f"pack_nibbles needs an even number of codes, got {codes.shape[0]}")
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: jnp.ndarray, numel: int) -> jnp.ndarray:
+    """``packed: u8[ceil(numel / 2)]`` -> ``codes: u8[numel]`` (inverse of ``pack_nibbles``)."""
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
+    return codes[:numel]
+
+
+def _lut_index(normed: jnp.ndarray) -> jnp.ndarray:
+    """The lookup-table slot of ``normed: f32[...]`` in [-1, 1]: ``floor((x + 1) * 32767.5 + 0.5)``; NaN -> 0."""
+    slot = jnp.floor(rounded((normed + jnp.float32(1.0)) * jnp.float32(_LUT_SCALE)) + jnp.float32(0.5))
+    slot = jnp.where(jnp.isnan(normed), 0, slot)
+    return jnp.clip(slot, 0, _LUT_SIZE - 1).astype(jnp.int32)
+
+
+def double_quantize(absmax: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """bnb ``compress_statistics=True``: quantize ``absmax: f32[N]`` to 8 bits.
+
+    Subtracts ``offset = mean(absmax)`` (torch's CPU summation order), then
+    quantizes blockwise (blocksize 256): ``x / nested_absmax`` is rounded to a
+    code of the signed dynamic map through bnb's 65536-slot lookup table (see
+    ``dynamic_map_lut``). Returns (``codes: u8[N]``,
+    ``nested_absmax: f32[ceil(N / 256)]``, ``offset: f32[]``).
+    """
+    n = absmax.shape[0]
+    offset = torch_cpu_mean(absmax)
+    centered = absmax - offset
+    padded_len = num_blocks(n, NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE
+    blocks = jnp.pad(centered, (0, padded_len - n)).reshape(-1, NESTED_BLOCKSIZE)
+    nested_absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    normed = (blocks / nested_absmax[:, None]).reshape(-1)[:n]
+    codes = jnp.asarray(dynamic_map_lut())[_lut_index(normed)]
+    return codes, nested_absmax, offset
+
+
+def double_dequantize(codes: jnp.ndarray, nested_absmax: jnp.ndarray, offset: jnp.ndarray) -> jnp.ndarray:
+    """Inverse of ``double_quantize``: ``map[code] * nested_absmax[block]``, then ``+ offset``, in f32 -> ``f32[N]``."""
+    n = codes.shape[0]
+    values = jnp.asarray(dynamic_map_signed())[codes.astype(jnp.int32)]
+    scale = jnp.repeat(nested_absmax, NESTED_BLOCKSIZE,
+                       total_repeat_length=nested_absmax.shape[0] * NESTED_BLOCKSIZE)[:n]
+    return rounded(values * scale) + offset
