@@ -12,10 +12,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 import bitsandbytes
 import bitsandbytes.functional as bnbf
+import numpy as np
+import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from safetensors.torch import save_file
 

@@ -4,10 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, bnb_cases
+
 from qlora_jax.quant import (
-    QuantizedTensor, codebook, dequantize, dynamic_map_signed, from_bnb_state_dict, quant_state_json, quantize,
+    QuantizedTensor,
+    codebook,
+    dequantize,
+    dynamic_map_signed,
+    from_bnb_state_dict,
+    quant_state_json,
+    quantize,
     to_bnb_state_dict,
 )
 from qlora_jax.quant.blockwise import pack_nibbles, unpack_nibbles
@@ -123,7 +129,7 @@ def test_jit_and_eager_agree_bit_for_bit():
     with jax.disable_jit():
         eager = quantize(x, "nf4", 64, True)
         eager_values = dequantize(eager, jnp.float32)
-    for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    for got, want in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8), np.atleast_1d(want).view(np.uint8))
     np.testing.assert_array_equal(_bits(dequantize(jitted, jnp.float32)), _bits(eager_values))
 
@@ -213,5 +219,6 @@ def test_from_bnb_rejects_corrupt_quant_state_json():
 def test_from_bnb_rejects_wrong_packed_size():
     state = _bnb_dict()
     state["l.weight"] = state["l.weight"][:10]
-    with pytest.raises(ValueError, match=r"l.weight: expected u8 with 64 elements for shape \(2, 64\), got uint8 with 10"):
+    message = r"l.weight: expected u8 with 64 elements for shape \(2, 64\), got uint8 with 10"
+    with pytest.raises(ValueError, match=message):
         from_bnb_state_dict(state, "l.")

@@ -106,7 +106,8 @@ def from_bnb_state_dict(state_dict: dict[str, np.ndarray], prefix: str) -> Quant
         nested = _require(state_dict, f"{key}.nested_absmax")
         want_nested = -(-num_blocks // NESTED_BLOCKSIZE)
         if nested.dtype != np.float32 or nested.shape != (want_nested,):
-            raise ValueError(f"{key}.nested_absmax: expected float32[{want_nested}], got {nested.dtype}{list(nested.shape)}")
+            raise ValueError(f"{key}.nested_absmax: expected float32[{want_nested}], "
+                             f"got {nested.dtype}{list(nested.shape)}")
         nested_absmax = jnp.asarray(nested)
         offset = jnp.asarray(np.float32(state["nested_offset"]))
     return QuantizedTensor(packed=jnp.asarray(packed.reshape(-1)), absmax=jnp.asarray(absmax),

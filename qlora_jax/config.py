@@ -1,0 +1,266 @@
+"""Typed, validated configuration: the model architecture (from a Hugging Face
+``config.json``), quantization and LoRA settings. Each dataclass is frozen and
+checks its fields in ``__post_init__``, reporting every problem at once."""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QuantName = Literal["nf4", "fp4", "int4", "none"]
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings (transformers' ``rope_parameters`` / ``rope_scaling``)."""
+
+    theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    kind: Literal["default", "linear", "llama3"] = "default"
+    """Frequency scaling: none, linear (positions / factor) or LLaMA 3.1's band-wise scaling."""
+    factor: float = 1.0
+    """Scaling factor for ``linear`` and ``llama3``."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position_embeddings / low_freq_factor are scaled fully."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3: the context length the model was pre-trained at."""
+
+    def __post_init__(self):
+        problems = []
+        if self.kind not in ("default", "linear", "llama3"):
+            problems.append(f"rope type {self.kind!r} is not supported; supported: default, linear, llama3")
+        if not self.theta > 0:
+            problems.append(f"rope_theta={self.theta} must be > 0")
+        if not self.factor > 0:
+            problems.append(f"rope factor={self.factor} must be > 0")
+        _raise_all(problems)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-family decoder: LLaMA 1/2/3.x, Mistral, SmolLM/SmolLM2, Qwen2."""
+
+    model_type: str
+    """Hugging Face ``model_type``: one of llama, mistral, qwen2."""
+    vocab_size: int
+    """Number of token ids."""
+    hidden_size: int
+    """Model width D."""
+    intermediate_size: int
+    """MLP width F."""
+    num_hidden_layers: int
+    """Decoder layers L."""
+    num_attention_heads: int
+    """Query heads H."""
+    num_key_value_heads: int
+    """Key/value heads (grouped-query attention); divides H."""
+    head_dim: int
+    """Per-head width K; may differ from D / H."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Rotary embeddings."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the checkpoint supports."""
+    tie_word_embeddings: bool = False
+    """lm_head shares the embedding matrix."""
+    attention_bias: bool = False
+    """q/k/v projections carry a bias (Qwen2: always)."""
+    sliding_window: int | None = None
+    """Mistral: keys further back than this many positions are masked."""
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    """dtype of the checkpoint's weights."""
+
+    def __post_init__(self):
+        problems = []
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            problems.append(f"model_type={self.model_type!r} is not supported; supported: "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA 1/2/3, Mistral, SmolLM, Qwen2)")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if (isinstance(self.num_attention_heads, int) and isinstance(self.num_key_value_heads, int)
+                and self.num_key_value_heads >= 1 and self.num_attention_heads % self.num_key_value_heads):
+            problems.append(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}")
+        if not self.rms_norm_eps > 0:
+            problems.append(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        _raise_all(problems)
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``[out_features, in_features]`` of each linear layer of one decoder block."""
+        d, f, k = self.hidden_size, self.intermediate_size, self.head_dim
+        return {
+            "q_proj": (self.num_attention_heads * k, d), "k_proj": (self.num_key_value_heads * k, d),
+            "v_proj": (self.num_key_value_heads * k, d), "o_proj": (d, self.num_attention_heads * k),
+            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f),
+        }
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a transformers ``config.json`` (4.x or 5.x form)."""
+        missing = [k for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (only silu / SwiGLU)")
+        heads = raw["num_attention_heads"]
+        model_type = raw["model_type"]
+        sliding = raw.get("sliding_window") if model_type == "mistral" or raw.get("use_sliding_window") else None
+        eos = raw.get("eos_token_id")
+        try:
+            return cls(
+                model_type=model_type, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=heads, num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope=_rope_from_hf(raw),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", False)) or model_type == "qwen2",
+                sliding_window=sliding, bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=raw.get("pad_token_id"),
+                torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            )
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """A transformers 4.x/5.x-compatible ``config.json`` dict for this architecture."""
+        archs = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        rope = {"rope_type": self.rope.kind, "rope_theta": self.rope.theta}
+        if self.rope.kind != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.kind == "llama3":
+            rope.update(low_freq_factor=self.rope.low_freq_factor, high_freq_factor=self.rope.high_freq_factor,
+                        original_max_position_embeddings=self.rope.original_max_position_embeddings)
+        out = {
+            "architectures": [archs[self.model_type]], "model_type": self.model_type, "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "rope_theta": self.rope.theta,
+            "rope_scaling": None if self.rope.kind == "default" else {**rope, "type": self.rope.kind},
+            "rope_parameters": rope, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id, "torch_dtype": self.torch_dtype, "dtype": self.torch_dtype,
+        }
+        if self.model_type == "llama":
+            out["attention_bias"] = self.attention_bias
+            out["mlp_bias"] = False
+        if self.model_type in ("mistral", "qwen2"):
+            out["sliding_window"] = self.sliding_window
+            out["use_sliding_window"] = self.sliding_window is not None
+        return out
+
+
+def _rope_from_hf(raw: dict) -> RopeConfig:
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    return RopeConfig(
+        theta=float(theta), kind=kind, factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base linear layers are stored."""
+
+    quant_type: QuantName = "nf4"
+    """nf4 (QLoRA), fp4, int4, or none (bf16 base: the 16-bit LoRA baseline)."""
+    blocksize: int = 64
+    """Elements per absmax block."""
+    double_quant: bool = True
+    """Quantize the absmax constants to 8 bits (QLoRA §3)."""
+
+    def __post_init__(self):
+        from .quant import BLOCKSIZES
+
+        problems = []
+        if self.quant_type not in ("nf4", "fp4", "int4", "none"):
+            problems.append(f"quant.quant_type={self.quant_type!r} must be one of nf4, fp4, int4, none")
+        if self.blocksize not in BLOCKSIZES:
+            problems.append(f"quant.blocksize={self.blocksize} must be one of {BLOCKSIZES}")
+        _raise_all(problems)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant_type != "none"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the linear layers of every decoder block (never lm_head)."""
+
+    rank: int = 64
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by alpha / r (or alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """Which projections get adapters."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r)."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.rank, int) or self.rank < 1:
+            problems.append(f"lora.rank={self.rank!r} must be a positive integer")
+        if not self.alpha > 0:
+            problems.append(f"lora.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"lora.dropout={self.dropout} must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            problems.append(f"lora.targets={list(self.targets)} must be a non-empty subset of {list(LORA_TARGETS)}")
+        _raise_all(problems)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)

@@ -1,0 +1,190 @@
+"""Load a Hugging Face model directory into the NNX model, quantizing while streaming.
+
+The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory),
+then each checkpoint tensor is read from a memory-mapped safetensors file, moved
+to the device, quantized there and dropped, so host and device memory stay about
+one tensor above the quantized model. A bitsandbytes 4-bit checkpoint
+(``quantization_config.quant_method == "bitsandbytes"``) is taken bit for bit.
+"""
+
+import json
+import resource
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint_files import CheckpointReader
+from .config import LoraConfig, ModelConfig, QuantConfig
+from .lora import LoRAParam, QLoRALinear, kaiming_uniform_a_sqrt5
+from .model import LlamaForCausalLM
+from .quant import QuantizedTensor
+
+LINEAR_NAMES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux ``ru_maxrss``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, dict]:
+    """The model config and the raw ``config.json`` dict of a model directory."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    path = directory / "config.json"
+    if not path.is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        raise FileNotFoundError(f"{directory} has no config.json (found: {found})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf_dict(raw, source=str(path)), raw
+
+
+def bnb_quant_config(raw: dict, source: str) -> QuantConfig | None:
+    """The ``QuantConfig`` of a bitsandbytes 4-bit checkpoint, or None for an unquantized one."""
+    qc = raw.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise ValueError(f"{source}: quantization_config {qc.get('quant_method')!r} is not supported; "
+                         "only bitsandbytes 4-bit (load_in_4bit) checkpoints, or unquantized ones")
+    if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise ValueError(f"{source}: bnb_4bit_quant_storage={qc['bnb_4bit_quant_storage']!r} is not supported (uint8)")
+    return QuantConfig(quant_type=qc.get("bnb_4bit_quant_type", "fp4"), blocksize=64,
+                       double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)))
+
+
+def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, v = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    linear = config.linear_shapes()
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        shapes[prefix + "input_layernorm.weight"] = (d,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (d,)
+        for name, block in LINEAR_NAMES.items():
+            shapes[f"{prefix}{block}.{name}.weight"] = linear[name]
+            if config.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
+                shapes[f"{prefix}{block}.{name}.bias"] = (linear[name][0],)
+    return shapes
+
+
+def _check_checkpoint(reader: CheckpointReader, config: ModelConfig, prequantized: bool, directory: Path) -> None:
+    expected = _expected_tensors(config)
+    missing = [name for name in expected if name not in reader]
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensor(s) config.json implies, "
+                         f"e.g. {missing[:3]}")
+    for name, shape in expected.items():
+        is_packed_linear = prequantized and name.endswith("_proj.weight")
+        if not is_packed_linear and reader.shape(name) != shape:
+            raise ValueError(f"{directory}: {name} has shape {reader.shape(name)} but config.json implies {shape}")
+
+
+def _bnb_layer_state(reader: CheckpointReader, prefix: str) -> dict[str, np.ndarray]:
+    return {name: reader.get(name) for name in reader.names() if name.startswith(prefix + "weight")}
+
+
+def _load_linear(layer: QLoRALinear, reader: CheckpointReader, prefix: str, prequantized: bool) -> None:
+    if prequantized:
+        layer.load_quantized(QuantizedTensor.from_bnb_state_dict(_bnb_layer_state(reader, prefix), prefix))
+    else:
+        layer.load_weight(jnp.asarray(reader.get(prefix + "weight")))
+    if layer.bias is not None:
+        layer.bias.set_value(jnp.asarray(reader.get(prefix + "bias"), jnp.bfloat16))
+
+
+def init_lora(model: nnx.Module, seed: int) -> None:
+    """PEFT's init for every adapter: ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros."""
+    key = jax.random.key(seed)
+    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, QLoRALinear) and m.lora is not None]
+    for index, module in enumerate(modules):
+        a_shape, b_shape = module.lora_a.get_value().shape, module.lora_b.get_value().shape
+        module.lora_a.set_value(kaiming_uniform_a_sqrt5(jax.random.fold_in(key, index), a_shape,
+                                                      module.lora_a.get_value().dtype))
+        module.lora_b.set_value(jnp.zeros(b_shape, module.lora_b.get_value().dtype))
+
+
+def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+               lora: LoraConfig | None = None, compute_dtype=jnp.bfloat16, seed: int = 0,
+               verbose: bool = False) -> LlamaForCausalLM:
+    """Load a local Hugging Face LLaMA-family directory as a QLoRA model.
+
+    ``quant``: nf4 (default), fp4, int4, or none (bf16 base). A bitsandbytes 4-bit
+    checkpoint is loaded as stored; its type must match ``quant``/``blocksize``/
+    ``double_quant``. ``lora``: adapters on the configured targets (None: no adapters).
+    ``verbose`` prints the peak resident memory after loading.
+    """
+    directory = Path(path)
+    config, raw = read_config(directory)
+    quant_config = QuantConfig(quant_type=quant, blocksize=blocksize, double_quant=double_quant)
+    stored = bnb_quant_config(raw, str(directory / "config.json"))
+    if stored is not None and stored != quant_config:
+        raise ValueError(f"{directory} is a bitsandbytes checkpoint quantized as {stored.quant_type}, blocksize "
+                         f"{stored.blocksize}, double_quant={stored.double_quant}; load it with those settings "
+                         f"(asked for {quant}, {blocksize}, double_quant={double_quant})")
+    with CheckpointReader(directory) as reader:
+        _check_checkpoint(reader, config, stored is not None, directory)
+        model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant_config, lora=lora,
+                                                        compute_dtype=compute_dtype, rngs=nnx.Rngs(seed)))
+        model.embed_tokens.set_value(jnp.asarray(reader.get("model.embed_tokens.weight"), jnp.bfloat16))
+        model.norm.weight.set_value(jnp.asarray(reader.get("model.norm.weight"), jnp.bfloat16))
+        if model.lm_head is not None:
+            model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight"), jnp.bfloat16))
+        for i, layer in enumerate(model.layers):
+            prefix = f"model.layers.{i}."
+            layer.input_layernorm.weight.set_value(jnp.asarray(reader.get(prefix + "input_layernorm.weight"),
+                                                             jnp.bfloat16))
+            layer.post_attention_layernorm.weight.set_value(jnp.asarray(
+                reader.get(prefix + "post_attention_layernorm.weight"), jnp.bfloat16))
+            for name, block in LINEAR_NAMES.items():
+                module = getattr(getattr(layer, block), name)
+                _load_linear(module, reader, f"{prefix}{block}.{name}.", stored is not None)
+    if lora is not None:
+        init_lora(model, seed)
+    if verbose:
+        print(f"loaded {directory} ({quant}): peak RSS {peak_rss_mib():.0f} MiB")
+    return model
+
+
+def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
+                 compute_dtype=jnp.bfloat16, seed: int = 0, init_scale: float = 0.02) -> LlamaForCausalLM:
+    """A model with random N(0, init_scale) weights (for tests and benchmarks), quantized as configured."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant, lora=lora, compute_dtype=compute_dtype,
+                                                    rngs=nnx.Rngs(seed)))
+    key = jax.random.key(seed + 1)
+    counter = iter(range(1 << 30))
+
+    def normal(shape):
+        return (init_scale * jax.random.normal(jax.random.fold_in(key, next(counter)), shape)).astype(jnp.bfloat16)
+
+    model.embed_tokens.set_value(normal(model.embed_tokens.get_value().shape))
+    if model.lm_head is not None:
+        model.lm_head.set_value(normal(model.lm_head.get_value().shape))
+    model.norm.weight.set_value(jnp.ones(model.norm.weight.get_value().shape, jnp.bfloat16))
+    for layer in model.layers:
+        layer.input_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
+        layer.post_attention_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
+        for name, block in LINEAR_NAMES.items():
+            module = getattr(getattr(layer, block), name)
+            module.load_weight(normal((module.out_features, module.in_features)))
+            if module.bias is not None:
+                module.bias.set_value(normal((module.out_features,)))
+    if lora is not None:
+        init_lora(model, seed)
+    return model
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """The adapters only (what training updates and adapter checkpoints store)."""
+    return nnx.state(model, LoRAParam)

@@ -1,0 +1,136 @@
+"""The QLoRA linear layer: a frozen (4-bit or bf16) base weight plus a trainable LoRA adapter.
+
+Variable types decide what trains and what is saved: ``LoRAParam`` (the adapters,
+fp32 master copies) is the only thing optimizers and adapter checkpoints select;
+``QuantState`` holds the packed 4-bit codes and constants (format:
+``qlora_jax.quant``); ``Frozen`` holds unquantized frozen weights (embeddings,
+norms, lm_head, and the base weights when ``quant_type="none"``).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoraConfig, QuantConfig
+from .qmatmul import quantized_matmul
+from .quant import QuantizedTensor, dequantize, quantize
+
+
+class LoRAParam(nnx.Param):
+    """A trainable LoRA adapter matrix."""
+
+
+class QuantState(nnx.Variable):
+    """Packed 4-bit codes and quantization constants of a frozen weight."""
+
+
+class Frozen(nnx.Variable):
+    """A frozen, unquantized weight."""
+
+
+def kaiming_uniform_a_sqrt5(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """PEFT's ``lora_A`` init (torch's Linear default): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = shape[1]."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class QLoRALinear(nnx.Module):
+    """``y = x @ W.T (+ b) + scaling * dropout(x) @ A.T @ B.T`` with W frozen.
+
+    Shapes: ``W: [out, in]`` stored quantized (``QuantState``) or as ``Frozen`` bf16;
+    ``lora_a: f32[R, in]``, ``lora_b: f32[out, R]`` (PEFT's layout); ``bias: [out]``
+    frozen. Math runs in ``compute_dtype`` with f32 accumulation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, quant: QuantConfig, lora: LoraConfig | None,
+                 use_bias: bool = False, compute_dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"QLoRALinear needs positive sizes, got in={in_features}, out={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.quant = quant
+        if quant.quantized:  # placeholders of the right shapes; the loader fills them
+            shapes = jax.eval_shape(lambda w: quantize(w, quant.quant_type, quant.blocksize, quant.double_quant),
+                                    jax.ShapeDtypeStruct((out_features, in_features), jnp.bfloat16))
+            self.packed = QuantState(jnp.zeros(shapes.packed.shape, shapes.packed.dtype))
+            self.absmax = QuantState(jnp.zeros(shapes.absmax.shape, shapes.absmax.dtype))
+            self.nested_absmax = QuantState(jnp.zeros(shapes.nested_absmax.shape)) if quant.double_quant else None
+            self.offset = QuantState(jnp.zeros(())) if quant.double_quant else None
+            self.weight_meta = ((out_features, in_features), "bfloat16", quant.blocksize, quant.quant_type)
+        else:
+            self.weight = Frozen(jnp.zeros((out_features, in_features), jnp.bfloat16))
+        self.bias = Frozen(jnp.zeros((out_features,), jnp.bfloat16)) if use_bias else None
+        self.lora = lora
+        if lora is not None:
+            self.lora_a = LoRAParam(kaiming_uniform_a_sqrt5(rngs.params(), (lora.rank, in_features), param_dtype))
+            self.lora_b = LoRAParam(jnp.zeros((out_features, lora.rank), param_dtype))
+
+    def load_weight(self, weight: jax.Array) -> None:
+        """Set the frozen base weight from a full-precision ``[out, in]`` array, quantizing it if configured."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
+        if self.quant.quantized:
+            q = quantize(jnp.asarray(weight), self.quant.quant_type, self.quant.blocksize, self.quant.double_quant)
+            self.load_quantized(q)
+        else:
+            self.weight.set_value(jnp.asarray(weight, jnp.bfloat16))
+
+    def load_quantized(self, q: QuantizedTensor) -> None:
+        """Set the frozen base weight from an already-quantized one (e.g. a bitsandbytes checkpoint), bit for bit."""
+        if q.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight shape {q.shape} != ({self.out_features}, {self.in_features})")
+        if (q.quant_type, q.blocksize, q.double_quant) != (self.quant.quant_type, self.quant.blocksize,
+                                                             self.quant.double_quant):
+            raise ValueError(f"quantized weight is {q.quant_type}/blocksize {q.blocksize}/double_quant "
+                             f"{q.double_quant}, layer expects {self.quant}")
+        self.packed.set_value(q.packed)
+        self.absmax.set_value(q.absmax)
+        if q.double_quant:
+            self.nested_absmax.set_value(q.nested_absmax)
+            self.offset.set_value(q.offset)
+        self.weight_meta = (q.shape, q.dtype, q.blocksize, q.quant_type)
+
+    def quantized_weight(self) -> QuantizedTensor:
+        shape, dtype, blocksize, quant_type = self.weight_meta
+        nested = self.nested_absmax[...] if self.nested_absmax is not None else None
+        offset = self.offset[...] if self.offset is not None else None
+        return QuantizedTensor(packed=self.packed[...], absmax=self.absmax[...], nested_absmax=nested, offset=offset,
+                               shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type)
+
+    def base_weight(self, dtype=jnp.float32) -> jax.Array:
+        """The frozen base weight ``[out, in]`` decoded to ``dtype``."""
+        if self.quant.quantized:
+            return dequantize(self.quantized_weight(), dtype)
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x: [..., in]`` -> ``[..., out]`` in ``compute_dtype``; ``rngs`` (a ``dropout`` stream) enables dropout."""
+        if self.quant.quantized:
+            y = quantized_matmul(x, self.quantized_weight(), self.compute_dtype)
+        else:
+            w = jax.lax.stop_gradient(self.weight[...]).astype(self.compute_dtype)
+            y = jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w,
+                           preferred_element_type=jnp.float32).astype(self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        if self.lora is None:
+            return y
+        h = x
+        if rngs is not None and self.lora.dropout > 0:
+            keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.lora.dropout, x.shape)
+            h = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(x.dtype)
+        h = h.astype(self.compute_dtype)
+        a = self.lora_a[...].astype(self.compute_dtype)
+        b = self.lora_b[...].astype(self.compute_dtype)
+        low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(self.compute_dtype)
+        delta = jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32)
+        return (y.astype(jnp.float32) + self.lora.scaling * delta).astype(self.compute_dtype)
+
+    def quant_nbytes(self) -> int:
+        """Bytes of the frozen base weight as held (packed codes + constants, or bf16)."""
+        if self.quant.quantized:
+            return self.quantized_weight().nbytes()
+        return self.weight[...].size * self.weight[...].dtype.itemsize
+

@@ -1,0 +1,247 @@
+"""The LLaMA-family decoder (LLaMA 1/2/3.x, Mistral, SmolLM2, Qwen2) in Flax NNX.
+
+Shape letters: B batch, T tokens (queries), S cached/key positions, D model width,
+H query heads, G key/value heads, K head dim, F MLP width, R LoRA rank, V vocab.
+Linear layers are ``QLoRALinear`` (frozen 4-bit base + LoRA, see ``lora.py``);
+embeddings, norms and lm_head stay unquantized and frozen. Positions count only
+real tokens (``cumsum(attention_mask) - 1``), as transformers' ``generate`` does, so
+left and right padding give the same logits at real positions.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import LoraConfig, ModelConfig, QuantConfig, RopeConfig
+from .lora import Frozen, QLoRALinear
+
+_MASKED = -1e30  # finite, so fully padded query rows stay NaN-free
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
+    """Rotary inverse frequencies ``f32[K/2]``, with linear or LLaMA-3.1 scaling (transformers' formulas)."""
+    inv_freq = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * jnp.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x: [B, T, N, K]`` by ``positions: i32[B, T]`` (rotate-half convention, f32 math)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, K/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, K]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * weight``, computed in f32 and cast back (transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        self.weight = Frozen(jnp.ones((dim,), jnp.bfloat16))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding.
+
+    ``keys``/``values``: ``[L, B, S, G, K]``; ``mask``: ``bool[B, S]`` (which slots hold
+    real tokens); ``positions``: ``i32[B]`` next rotary position; ``length``: ``i32[]``
+    slots filled so far.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+    positions: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   mask=jnp.zeros((batch, max_len), bool), positions=jnp.zeros((batch,), jnp.int32),
+                   length=jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with rotary embeddings, causal + padding (+ sliding window) mask."""
+
+    def __init__(self, config: ModelConfig, *, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
+                 rngs: nnx.Rngs):
+        self.config = config
+        shapes = config.linear_shapes()
+
+        def linear(name, bias):
+            out_features, in_features = shapes[name]
+            target_lora = lora if lora is not None and name in lora.targets else None
+            return QLoRALinear(in_features, out_features, quant=quant, lora=target_lora, use_bias=bias,
+                               compute_dtype=compute_dtype, rngs=rngs)
+
+        self.q_proj = linear("q_proj", config.attention_bias)
+        self.k_proj = linear("k_proj", config.attention_bias)
+        self.v_proj = linear("v_proj", config.attention_bias)
+        self.o_proj = linear("o_proj", False)
+
+    def __call__(self, x, positions, key_mask, inv_freq, *, rngs=None, past_keys=None, past_values=None,
+                 key_positions=None):
+        """``x: [B, T, D]``; ``key_mask: bool[B, S]``; returns (``[B, T, D]``, keys, values of all S slots)."""
+        c = self.config
+        batch, tokens, _ = x.shape
+        q = self.q_proj(x, rngs).reshape(batch, tokens, c.num_attention_heads, c.head_dim)  # [B, T, H, K]
+        k = self.k_proj(x, rngs).reshape(batch, tokens, c.num_key_value_heads, c.head_dim)  # [B, T, G, K]
+        v = self.v_proj(x, rngs).reshape(batch, tokens, c.num_key_value_heads, c.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if past_keys is not None:
+            k, v = past_keys(k), past_values(v)  # write this step into the cache: [B, S, G, K]
+        else:
+            key_positions = positions
+        q = q.reshape(batch, tokens, c.num_key_value_heads, c.q_per_kv, c.head_dim)  # [B, T, G, H/G, K]
+        scores = jnp.einsum("btgqk,bsgk->bgqts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+            jnp.float32(c.head_dim))
+        allowed = key_mask[:, None, None, None, :] & (key_positions[:, None, :] <= positions[:, :, None])[:, None, None]
+        if c.sliding_window is not None:
+            near = positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
+            allowed = allowed & near[:, None, None]
+        scores = jnp.where(allowed, scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bgqts,bsgk->btgqk", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+        return self.o_proj(out.reshape(batch, tokens, c.num_attention_heads * c.head_dim), rngs), k, v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
+                 rngs: nnx.Rngs):
+        shapes = config.linear_shapes()
+
+        def linear(name):
+            out_features, in_features = shapes[name]
+            target_lora = lora if lora is not None and name in lora.targets else None
+            return QLoRALinear(in_features, out_features, quant=quant, lora=target_lora,
+                               compute_dtype=compute_dtype, rngs=rngs)
+
+        self.gate_proj, self.up_proj, self.down_proj = linear("gate_proj"), linear("up_proj"), linear("down_proj")
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, rngs)) * self.up_proj(x, rngs), rngs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
+                 rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x, positions, key_mask, inv_freq, *, rngs=None, **cache_args):
+        """``x: [B, T, D]`` (compute dtype) -> (``[B, T, D]``, keys, values)."""
+        h = self.input_layernorm(x).astype(self.compute_dtype)
+        attn, k, v = self.self_attn(h, positions, key_mask, inv_freq, rngs=rngs, **cache_args)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x).astype(self.compute_dtype), rngs)
+        return x, k, v
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The whole network: embed -> L x (attention + MLP) -> norm -> lm_head."""
+
+    def __init__(self, config: ModelConfig, *, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
+                 compute_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.config, self.quant, self.lora, self.compute_dtype = config, quant, lora, compute_dtype
+        self.embed_tokens = Frozen(jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
+        self.layers = nnx.List([DecoderLayer(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else Frozen(
+            jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                      rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``input_ids: i32[B, T]`` -> final normed hidden states ``[B, T, D]`` (compute dtype).
+
+        ``rngs`` with a ``dropout`` stream turns on LoRA dropout (training).
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        attention_mask = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+        inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
+        for layer in self.layers:
+            x, _, _ = layer(x, positions, attention_mask, inv_freq, rngs=rngs)
+        return self.norm(x).astype(self.compute_dtype)
+
+    def unembedding(self) -> jax.Array:
+        """The ``[V, D]`` output matrix (the embedding when tied)."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[B, T, D]`` -> f32 logits ``[B, T, V]``."""
+        w = self.unembedding().astype(self.compute_dtype)
+        return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``input_ids: i32[B, T]``, ``attention_mask: [B, T]`` (1 = real token) -> f32 logits ``[B, T, V]``.
+
+        Logits at padded positions are unspecified.
+        """
+        return self.logits(self.hidden_states(input_ids, attention_mask, rngs=rngs))
+
+    def decode(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run ``input_ids: i32[B, T]`` (prompt chunk or one new token) against ``cache``.
+
+        ``attention_mask: [B, T]`` marks real tokens of this chunk. Returns f32 logits
+        ``[B, T, V]`` and the cache with these T slots appended.
+        """
+        attention_mask = attention_mask.astype(bool)
+        start = cache.length
+        positions = (cache.positions[:, None] + jnp.cumsum(attention_mask, axis=-1) - 1).astype(jnp.int32)
+        positions = jnp.maximum(positions, 0)
+        tokens = input_ids.shape[1]
+        key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, start))
+        slot_positions = jnp.maximum(jnp.cumsum(key_mask, axis=-1) - 1, 0).astype(jnp.int32)
+        inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            def write_keys(k, i=i):
+                return jax.lax.dynamic_update_slice(cache.keys[i], k.astype(cache.keys.dtype), (0, start, 0, 0))
+
+            def write_values(v, i=i):
+                return jax.lax.dynamic_update_slice(cache.values[i], v.astype(cache.values.dtype), (0, start, 0, 0))
+
+            x, k, v = layer(x, positions, key_mask, inv_freq, past_keys=write_keys, past_values=write_values,
+                            key_positions=slot_positions)
+            new_keys.append(k)
+            new_values.append(v)
+        logits = self.logits(self.norm(x).astype(self.compute_dtype))
+        new_cache = KVCache(keys=jnp.stack(new_keys), values=jnp.stack(new_values), mask=key_mask,
+                            positions=cache.positions + jnp.sum(attention_mask, axis=-1).astype(jnp.int32),
+                            length=start + tokens)
+        return logits, new_cache
