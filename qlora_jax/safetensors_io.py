@@ -9,8 +9,8 @@ at a time from a memory map, so loading a model never holds a whole file in RAM.
 
 import json
 import math
-import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes
@@ -78,14 +78,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
 
 
 class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; ``get(name)`` returns one tensor as a numpy array."""
+    """A validated safetensors file; ``get(name)`` reads one tensor into a new numpy array."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.entries, self.metadata, self._data_start = read_header(self.path)
-        self._file = open(self.path, "rb")
-        size = self.path.stat().st_size
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self._file = open(self.path, "rb")  # noqa: SIM115 -- closed by close() / __exit__
 
     def __enter__(self) -> "SafetensorsFile":
         return self
@@ -94,9 +92,6 @@ class SafetensorsFile:
         self.close()
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         self._file.close()
 
     def keys(self) -> list[str]:
@@ -114,9 +109,15 @@ class SafetensorsFile:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         entry = self.entries[name]
         begin, end = (self._data_start + o for o in entry["data_offsets"])
-        dtype = DTYPES[entry["dtype"]]
-        return np.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                             offset=begin).reshape(entry["shape"]).copy()
+        array = np.empty(entry["shape"], DTYPES[entry["dtype"]])
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        done = 0
+        while done < end - begin:
+            read = os.preadv(self._file.fileno(), [view[done:]], begin + done)
+            if read == 0:
+                raise SafetensorsError(f"{self.path}: file ended while reading tensor {name!r}")
+            done += read
+        return array
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -127,26 +128,38 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` in safetensors format atomically (a temporary file renamed into place)."""
+    arrays = {name: np.ascontiguousarray(tensors[name]) for name in sorted(tensors)}
+    specs = [(name, array.shape, array.dtype) for name, array in arrays.items()]
+    save_streaming(specs, lambda name: arrays[name], path, metadata)
+
+
+def save_streaming(specs: list[tuple[str, tuple[int, ...], np.dtype]], produce: Callable[[str], np.ndarray],
+                   path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors one at a time: ``specs`` lists (name, shape, dtype); ``produce(name)`` returns each array.
+
+    Only one tensor is in memory at once. The file appears atomically (temporary file, fsync, rename).
+    """
     path = Path(path)
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    arrays = {}
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        if array.dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
-        arrays[name] = array
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for array in arrays.values():
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        for name, shape, dtype in specs:
+            array = np.ascontiguousarray(produce(name), dtype=np.dtype(dtype).newbyteorder("<"))
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: produced shape {array.shape}, declared {tuple(shape)}")
+            f.write(array.tobytes())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
