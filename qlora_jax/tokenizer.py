@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.sandbox
+import numpy as np
 
 
 def _token_text(value) -> str | None:
@@ -100,6 +101,15 @@ class Tokenizer:
         if add_special_tokens and self.add_eos and self.eos_id is not None:
             ids = [*ids, self.eos_id]
         return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids of ``text`` (no special tokens added) and their character spans ``i64[N, 2]``."""
+        if self._hf is not None:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+            return encoding.ids, np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
+        proto = self._sp.EncodeAsImmutableProto(text)
+        spans = [(piece.begin, piece.end) for piece in proto.pieces]
+        return [piece.id for piece in proto.pieces], np.asarray(spans, np.int64).reshape(-1, 2)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self._hf is not None:

@@ -62,6 +62,23 @@ def logits_of(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.logits.float().numpy()
 
 
+def make_peft_adapter(out: Path, name: str, arrays: dict) -> dict:
+    """A PEFT LoRA adapter (r=4, q/v/down, random non-zero B) on ``name`` and the adapted fp32 logits."""
+    import peft
+
+    base = AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32, attn_implementation="eager")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                             task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, config)
+    for module_name, param in model.named_parameters():
+        if "lora_B" in module_name:
+            param.data.normal_(0.0, 0.2)
+    model.eval()
+    model.save_pretrained(out / f"{name}_peft_adapter")
+    return {f"{name}_peft/{pad}_logits": logits_of(model, arrays[f"{pad}_ids"], arrays[f"{pad}_mask"])
+            for pad in ("right", "left")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -91,6 +108,7 @@ def main() -> None:
     for pad in ("right", "left"):
         arrays[f"{quantized_name}_nf4/{pad}_logits"] = logits_of(q_model, arrays[f"{pad}_ids"], arrays[f"{pad}_mask"])
     q_model.save_pretrained(args.out / f"{quantized_name}_bnb_nf4", safe_serialization=True)
+    arrays.update(make_peft_adapter(args.out, quantized_name, arrays))
     np.savez_compressed(args.out / "reference_logits.npz", **arrays)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} (transformers {transformers.__version__})")
 

@@ -9,8 +9,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES
+
 from qlora_jax.loading import load_model
 from qlora_jax.safetensors_io import SafetensorsError, load_file, read_header, save_file
 
@@ -140,3 +140,24 @@ def test_streaming_load_peak_memory_stays_near_the_quantized_size(tmp_path):
     print(f"peak RSS grew {growth:.0f} MiB loading a {checkpoint_mib:.0f} MiB bf16 checkpoint "
           f"(quantized {quantized_mib:.0f} MiB, one layer {layer_mib:.0f} MiB)")
     assert growth < quantized_mib + layer_mib + 4
+
+
+def test_sentencepiece_tokenizer_model_with_bos_and_chat_template(tmp_path):
+    """A tokenizer.model directory (LLaMA 1/2, Mistral layout): BOS added per tokenizer_config, round trip."""
+    import sentencepiece
+
+    from qlora_jax.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i}" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=60, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
+                                             pad_id=-1, minloglevel=2)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+        "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"}))
+    tokenizer = load_tokenizer(tmp_path)
+    ids = tokenizer.encode("the lazy fox")
+    assert ids[0] == tokenizer.bos_id == 1 and tokenizer.eos_id == 2 and tokenizer.pad_id == 2
+    assert tokenizer.decode(ids[1:]) == "the lazy fox"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi</s>"

@@ -1,0 +1,162 @@
+"""Run metrics: JSON Lines, TensorBoard event files and a loss-curve PNG, with no extra dependencies.
+
+TensorBoard's format: each record is ``u64 length, u32 masked-crc32c(length), data,
+u32 masked-crc32c(data)``; ``data`` is an ``Event`` protobuf (wall_time = field 1,
+step = 2, file_version = 3, summary = 5 holding ``Value{tag = 1, simple_value = 2}``).
+"""
+
+import json
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(step: int, *, summary: dict[str, float] | None = None, file_version: str | None = None) -> bytes:
+    out = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint(2 << 3 | 0) + _varint(step)
+    if file_version is not None:
+        out += _length_delimited(3, file_version.encode())
+    if summary:
+        values = b"".join(_length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5)
+                                            + struct.pack("<f", value)) for tag, value in summary.items())
+        out += _length_delimited(5, values)
+    return out
+
+
+class MetricsWriter:
+    """Appends step metrics to ``metrics.jsonl`` and a TensorBoard event file in ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.events = open(run_dir / name, "ab")  # noqa: SIM115 -- closed in close()
+        self._record(_event(0, file_version="brain.Event:2"))
+
+    def _record(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self.events.write(header + struct.pack("<I", _masked_crc(header)) + data
+                          + struct.pack("<I", _masked_crc(data)))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        self._record(_event(step, summary={k: float(v) for k, v in values.items() if isinstance(v, (int, float))}))
+        self.events.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.events.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# A 3x5 pixel font for axis labels.
+_GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "e": "000111111100111", "s": "000111110011111", "t": "010111010010011", "p": "000111101111100",
+    "l": "100100100100111", "o": "000111101101111", "r": "000111100100100", "a": "000111011101111",
+    "i": "010000010010010", "n": "000110101101101", "v": "000101101101010", " ": "000000000000000",
+}
+
+
+def write_loss_png(path: Path, series: dict[str, list[tuple[int, float]]], width: int = 640,
+                   height: int = 400) -> None:
+    """Plot ``{"train": [(step, loss), ...], "eval": [...]}`` as lines on a white PNG with axis ranges."""
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    pixels = [[(255, 255, 255)] * width for _ in range(height)]
+    left, right, top, bottom = 60, width - 20, 20, height - 40
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return
+    x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
+    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
+    x_span, y_span = max(x_max - x_min, 1), max(y_max - y_min, 1e-9)
+
+    def put(x, y, color):
+        if 0 <= x < width and 0 <= y < height:
+            pixels[y][x] = color
+
+    def line(x0, y0, x1, y1, color):
+        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for i in range(steps + 1):
+            put(round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps), color)
+
+    def text(x, y, label, color=(0, 0, 0)):
+        for char in label:
+            glyph = _GLYPHS.get(char, _GLYPHS[" "])
+            for row in range(5):
+                for col in range(3):
+                    if glyph[row * 3 + col] == "1":
+                        for dy in range(2):
+                            for dx in range(2):
+                                put(x + 2 * col + dx, y + 2 * row + dy, color)
+            x += 8
+
+    line(left, bottom, right, bottom, (0, 0, 0))
+    line(left, top, left, bottom, (0, 0, 0))
+    text(2, top, f"{y_max:.3g}")
+    text(2, bottom - 10, f"{y_min:.3g}")
+    text(left, bottom + 8, f"{x_min}")
+    text(right - 40, bottom + 8, f"{x_max}")
+    for index, (name, data) in enumerate(series.items()):
+        color = colors[index % len(colors)]
+        text(left + 20 + 80 * index, bottom + 24, name, color)
+        coords = [(left + round((s - x_min) / x_span * (right - left)),
+                   bottom - round((v - y_min) / y_span * (bottom - top))) for s, v in data]
+        for (x0, y0), (x1, y1) in zip(coords, coords[1:], strict=False):
+            line(x0, y0, x1, y1, color)
+        for x, y in coords:
+            put(x, y, color)
+    raw = b"".join(b"\x00" + bytes(c for pixel in row for c in pixel) for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    path.write_bytes(png)

@@ -1,0 +1,85 @@
+"""LoRA adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's for a causal LM: ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``
+(``f32[R, in]``) and ``...lora_B.weight`` (``f32[out, R]``) — the layout our ``QLoRALinear`` keeps.
+"""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LoraConfig
+from .lora import QLoRALinear
+from .model import LlamaForCausalLM
+from .safetensors_io import load_file, save_file
+
+_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def _adapted_layers(model: LlamaForCausalLM):
+    for i, layer in enumerate(model.layers):
+        for name, block in _BLOCK.items():
+            module: QLoRALinear = getattr(getattr(layer, block), name)
+            if module.lora is not None:
+                yield f"base_model.model.model.layers.{i}.{block}.{name}", module
+
+
+def adapter_config(lora: LoraConfig, base_model: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": lora.rank,
+        "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": sorted(lora.targets),
+        "bias": "none", "use_rslora": lora.rslora, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "revision": None,
+        "use_dora": False,
+    }
+
+
+def save_peft_adapter(model: LlamaForCausalLM, out_dir: Path, base_model: str) -> Path:
+    """Write the model's adapters as a PEFT adapter directory (files appear atomically)."""
+    if model.lora is None:
+        raise ValueError("the model has no LoRA adapters to save")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for prefix, module in _adapted_layers(model):
+        tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32)
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    tmp = out_dir / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(adapter_config(model.lora, base_model), indent=2))
+    tmp.replace(out_dir / "adapter_config.json")
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: Path) -> LoraConfig:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported")
+    targets = raw.get("target_modules") or []
+    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
+                      targets=tuple(sorted(targets)), rslora=bool(raw.get("use_rslora", False)))
+
+
+def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: Path) -> None:
+    """Copy a PEFT adapter (ours or one trained with PyTorch PEFT) into ``model``'s adapters."""
+    lora = read_adapter_config(adapter_dir)
+    if model.lora is None or (lora.rank, tuple(sorted(lora.targets))) != (model.lora.rank,
+                                                                           tuple(sorted(model.lora.targets))):
+        raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank} on {list(lora.targets)}, the model was "
+                         f"built with {model.lora}")
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    for prefix, module in _adapted_layers(model):
+        for suffix, variable in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+            name = next((k for k in (f"{prefix}.{suffix}.weight", f"{prefix}.{suffix}.default.weight")
+                         if k in tensors), None)
+            if name is None:
+                raise ValueError(f"{adapter_dir}: adapter lacks {prefix}.{suffix}.weight (different base model?)")
+            if tensors[name].shape != variable.get_value().shape:
+                raise ValueError(f"{adapter_dir}: {name} has shape {tensors[name].shape}, the model expects "
+                                 f"{variable.get_value().shape} (different base model or rank?)")
+            variable.set_value(jnp.asarray(tensors[name], jnp.float32))

@@ -1,0 +1,227 @@
+"""Training: config errors, data masking on a real tokenizer, LoRA-only optimizer state, resume, PEFT."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from flax import nnx
+
+from qlora_jax.config import DataConfig, LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.config_io import ConfigError, load_run_config
+from qlora_jax.data import IGNORE, DataError, Encoder, load_dataset
+from qlora_jax.loading import load_model, random_model
+from qlora_jax.lora import LoRAParam
+from qlora_jax.peft import load_peft_adapter, save_peft_adapter
+from qlora_jax.safetensors_io import load_file, save_file
+from qlora_jax.tokenizer import load_tokenizer
+from qlora_jax.train import train
+
+MODELS = FIXTURES / "models"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, smollm2_dir):
+    """A 2-layer random llama with SmolLM2's tokenizer (vocab 49152), saved as a Hugging Face directory."""
+    directory = tmp_path_factory.mktemp("tiny_chat")
+    config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = random_model(config, quant=QuantConfig("none"), seed=1, init_scale=0.05)
+    tensors = {"model.embed_tokens.weight": model.embed_tokens[...], "model.norm.weight": model.norm.weight[...]}
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight[...]
+        tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight[...]
+        for block in ("self_attn", "mlp"):
+            for name, module in vars(getattr(layer, block)).items():
+                if name.endswith("_proj"):
+                    tensors[f"{prefix}{block}.{name}.weight"] = module.weight[...]
+    save_file({k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+              directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(8) for b in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _config(model_dir, data_file, run_dir, **overrides):
+    settings = {"model.path": str(model_dir), "data.format": "chat", "data.path": str(data_file),
+                "data.max_len": 64, "data.eval_size": 8, "lora.rank": 4, "lora.dropout": 0.1,
+                "train.batch_size": 4, "train.grad_accum": 2, "train.steps": 4, "train.eval_every": 2,
+                "train.save_every": 2, "train.eval_batches": 2, "train.out_dir": str(run_dir.parent),
+                "train.run_name": run_dir.name, "optimizer.lr": 0.01, "optimizer.warmup_steps": 1}
+    settings.update(overrides)
+    return load_run_config(None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def _adapter_bytes(run_dir) -> dict:
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return {k: v.tobytes() for k, v in tensors.items()}
+
+
+def test_training_lowers_held_out_loss_and_writes_outputs(tiny_chat_model, chat_file, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 6}), log=lambda *_: None)
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "adapter/adapter_config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]  # keep 2
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_and_resumed_run_reaches_the_same_adapter(tiny_chat_model, chat_file, tmp_path):
+    straight = tmp_path / "straight"
+    train(_config(tiny_chat_model, chat_file, straight), log=lambda *_: None)
+    resumed = tmp_path / "resumed"
+    train(_config(tiny_chat_model, chat_file, resumed, **{"train.steps": 2}), log=lambda *_: None)
+    shutil.rmtree(resumed / "adapter")
+    summary = train(_config(tiny_chat_model, chat_file, resumed), log=lambda *_: None)
+    assert summary["resumed_from"] == 2
+    assert _adapter_bytes(resumed) == _adapter_bytes(straight)
+
+
+def test_resume_refuses_a_changed_config(tiny_chat_model, chat_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 2}), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"holds a run with a different 'lora' section"):
+        train(_config(tiny_chat_model, chat_file, run_dir, **{"lora.rank": 8}), log=lambda *_: None)
+
+
+def test_optimizer_state_holds_only_lora_params(tiny_chat_model):
+    from qlora_jax.config import OptimConfig
+
+    model = load_model(tiny_chat_model, quant="nf4", lora=LoraConfig(rank=4))
+    _, lora, frozen = nnx.split(model, LoRAParam, ...)
+    tx, _ = OptimConfig().build(10)
+    opt_state = tx.init(lora)
+
+    def nbytes(tree):
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
+
+    lora_bytes = nbytes(lora)
+    scalars = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(opt_state) if leaf.ndim == 0)
+    assert nbytes(opt_state) - scalars == 2 * lora_bytes  # Adam's mu and nu, nothing for the base
+    assert nbytes(frozen) > lora_bytes  # the base exists, and got no state
+
+
+def test_chat_masking_trains_exactly_the_assistant_replies(smollm2_dir):
+    tokenizer = load_tokenizer(smollm2_dir)
+    encoder = Encoder(tokenizer, DataConfig(format="chat", path="x", max_len=512))
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 42 apples."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+    example = encoder.chat(messages)
+    trained = tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels, strict=True)
+                                if lab != IGNORE], skip_special_tokens=False)
+    assert trained == "Hello! 42 apples.<|im_end|>See you.<|im_end|>"
+    assert tokenizer.decode(list(example.input_ids), skip_special_tokens=False) == tokenizer.apply_chat_template(
+        messages)
+
+
+def test_alpaca_masks_the_prompt_and_truncates_like_qlora(smollm2_dir, tmp_path):
+    tokenizer = load_tokenizer(smollm2_dir)
+    config = DataConfig(format="alpaca", path="x", source_max_len=16, target_max_len=6)
+    example = Encoder(tokenizer, config).record(
+        {"instruction": "Name three colors", "output": "red, green and blue"}, "x:1")
+    assert len(example.input_ids) == 16 + 6 and example.truncated
+    assert (example.labels[:16] == IGNORE).all()
+    assert tokenizer.decode(list(example.labels[16:])) == "red, green and blue"[:len(
+        tokenizer.decode(list(example.labels[16:])))]
+    assert example.input_ids[0] == tokenizer.bos_id
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"instruction": "x"}', r"data.jsonl:2: field 'output' must be a string, got NoneType"),
+    ('{"instruction": "x", "output": ""}', r"data.jsonl:2: field 'output' is empty"),
+    ('{"instruction": 3, "output": "y"}', r"data.jsonl:2: field 'instruction' must be a string, got int"),
+    ('{not json', r"data.jsonl:2: invalid JSON line"),
+    ('[1, 2]', r"data.jsonl:2: expected a JSON object, got list"),
+])
+def test_malformed_records_name_file_and_line(smollm2_dir, tmp_path, line, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "ok", "output": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataConfig(format="alpaca", path=str(path), eval_size=0), load_tokenizer(smollm2_dir), 0)
+
+
+def test_malformed_records_can_be_skipped_and_counted(smollm2_dir, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(['{"instruction": "a", "output": "b"}'] * 3 + ['{"instruction": "x"}']))
+    dataset = load_dataset(DataConfig(format="alpaca", path=str(path), eval_size=1, skip_malformed=True),
+                           load_tokenizer(smollm2_dir), 0)
+    assert (len(dataset.train), len(dataset.eval), dataset.skipped) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.rnak=4", r"unknown key 'lora.rnak'; did you mean 'rank'\?"),
+    ("lora.rank=0", r"lora.rank=0 must be a positive integer"),
+    ("optimizer.lr=-1", r"optimizer.lr=-1.0 must be > 0"),
+    ("train.batch_size=0", r"train.batch_size=0 must be an integer >= 1"),
+    ("optimizer.lr=fast", r"optimizer.lr: expected a number, got 'fast'"),
+    ("quant.quant_type=nf5", r"quant.quant_type: 'nf5' is not one of 'nf4', 'fp4', 'int4', 'none'"),
+    ("data.format=alpaca", r"data.path is required for data.format='alpaca'"),
+    ("traing.steps=3", r"unknown key 'traing'; did you mean 'train'\?"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_cli_config_errors_are_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rank: [unclosed\n")
+    result = subprocess.run([sys.executable, "-m", "qlora_jax.train", "--config", str(bad)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {bad}: invalid YAML at line 3")
+    missing = subprocess.run([sys.executable, "-m", "qlora_jax.train", "--set", "model.path=/nope", "--set",
+                              f"train.out_dir={tmp_path}"], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("error: model.path '/nope' is neither a directory nor one of "
+                                      "['smollm2-135m-instruct']")
+
+
+def test_peft_adapter_from_pytorch_gives_peft_logits(tmp_path):
+    """An adapter trained with PyTorch PEFT loads onto our model and gives PEFT's logits; we write it back
+    with PEFT's exact names, shapes and bytes."""
+    adapter_dir = MODELS / "llama3_rope_peft_adapter"
+    with np.load(MODELS / "reference_logits.npz") as reference:
+        model = load_model(MODELS / "llama3_rope", quant="none", compute_dtype=jnp.float32,
+                           lora=LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
+        load_peft_adapter(model, adapter_dir)
+        for pad in ("right", "left"):
+            logits = np.asarray(model(jnp.asarray(reference[f"{pad}_ids"]), jnp.asarray(reference[f"{pad}_mask"])))
+            real = reference[f"{pad}_mask"].astype(bool)
+            assert np.abs(logits - reference[f"llama3_rope_peft/{pad}_logits"])[real].max() < 1e-4
+    save_peft_adapter(model, tmp_path / "ours", "base")
+    theirs = load_file(adapter_dir / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name].shape == theirs[name].shape and ours[name].tobytes() == theirs[name].tobytes()
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8, "LORA")
+
+
+def test_adapter_for_another_rank_is_refused(tmp_path):
+    model = load_model(MODELS / "llama3_rope", quant="none", lora=LoraConfig(rank=8, targets=("q_proj",)))
+    with pytest.raises(ValueError, match=r"adapter has rank 4 on .*the model was built with"):
+        load_peft_adapter(model, MODELS / "llama3_rope_peft_adapter")
