@@ -282,7 +282,10 @@ class DataConfig:
     format: Literal["chitchat", "alpaca", "oasst", "chat", "prompt_completion", "text"] = "chitchat"
     """chitchat (the bundled dataset), alpaca, oasst (Guanaco text), chat (messages), prompt_completion, text."""
     path: str | None = None
-    """json/jsonl file (not needed for chitchat)."""
+    """json/jsonl file, or a ``datasets.save_to_disk`` directory (not needed for chitchat)."""
+    source: Literal["file", "hf_disk", "tfds"] = "file"
+    """file: read path directly; hf_disk: a Hugging Face datasets directory saved with save_to_disk;
+    tfds: prepare the file into a TFDS array_record dataset and read it with tfds.data_source (tfds extra)."""
     source_max_len: int = 16
     """Tokens kept of the prompt/source (QLoRA: 16)."""
     target_max_len: int = 512
@@ -308,6 +311,10 @@ class DataConfig:
             problems.append(f"data.format={self.format!r} must be one of {', '.join(DATA_FORMATS)}")
         if self.format != "chitchat" and not self.path:
             problems.append(f"data.path is required for data.format={self.format!r}")
+        if self.source not in ("file", "hf_disk", "tfds"):
+            problems.append(f"data.source={self.source!r} must be file, hf_disk or tfds")
+        if self.format == "chitchat" and self.source != "file":
+            problems.append("data.source applies to data.path; data.format='chitchat' reads its bundled file")
         for name in ("source_max_len", "target_max_len", "max_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"data.{name}={getattr(self, name)!r} must be a positive integer")

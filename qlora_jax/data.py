@@ -20,6 +20,7 @@ import numpy as np
 
 from . import assets
 from .config import DataConfig
+from .jsonio import read_json_object
 from .tokenizer import Tokenizer
 
 IGNORE = -100
@@ -78,6 +79,43 @@ def _read_json_records(path: Path) -> list[tuple[int, object]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: invalid JSON line: {err.msg}") from None
     return out
+
+
+def _read_hf_disk(directory: Path) -> list[tuple[str, object]]:
+    """Rows of a Hugging Face ``datasets`` directory written by ``save_to_disk`` (Arrow stream files)."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError("data.source=hf_disk needs pyarrow: pip install -e '.[tfds]'") from None
+    state_file = directory / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a datasets.save_to_disk directory (no state.json)")
+    state = read_json_object(state_file)
+    files = [entry.get("filename") for entry in state.get("_data_files", [])]
+    if not files or not all(isinstance(f, str) and "/" not in f for f in files):
+        raise DataError(f"{state_file}: '_data_files' must list the Arrow files of the dataset")
+    rows = []
+    for name in files:
+        with pa.memory_map(str(directory / name)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        rows += [(f"{directory / name}[{i}]", row) for i, row in enumerate(table.to_pylist())]
+    return rows
+
+
+def _read_source(config: DataConfig) -> list[tuple[str, object]]:
+    """(where, record) pairs from the configured file, datasets directory, or TFDS preparation."""
+    path = Path(config.path)
+    if config.source == "hf_disk":
+        return _read_hf_disk(path)
+    records = [(f"{path}:{line}" if line else f"{path}[{i}]", r)
+               for i, (line, r) in enumerate(_read_json_records(path))]
+    if config.source == "tfds":
+        try:
+            from .tfds_records import prepared_records
+        except ImportError as err:
+            raise DataError(f"data.source=tfds needs tensorflow-datasets: pip install -e '.[tfds]' ({err})") from None
+        return prepared_records(path, records, assets.cache_dir() / "tfds")
+    return records
 
 
 def _string_field(record: dict, name: str, where: str, required: bool = True) -> str:
@@ -223,9 +261,7 @@ def load_dataset(config: DataConfig, tokenizer: Tokenizer, seed: int) -> Dataset
         encode = encoder.chat
         items = [(f"{source} conversation {i}", r["messages"]) for i, r in records]
     else:
-        path = Path(config.path)
-        items = [(f"{path}:{line}" if line else f"{path}[{i}]", r)
-                 for i, (line, r) in enumerate(_read_json_records(path))]
+        items = _read_source(config)
         encode = None
     if config.max_examples is not None:
         items = items[: config.max_examples]

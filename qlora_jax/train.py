@@ -215,6 +215,7 @@ def train(config: RunConfig, log=print) -> dict:
         "median_step_tokens_per_second": float(np.median([m["tokens_per_s"] for m in history if "tokens_per_s" in m]
                                                          or [0.0])),
         "adapter": str(run_dir / "adapter"), "model_dir": str(model_dir),
+        "train_step_compilations": train_step._cache_size(),  # one per padded length bucket seen
         "config": to_plain_dict(config),
     })
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -80,6 +80,7 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny_chat_model, chat_
     run_dir = tmp_path / "run"
     summary = train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 6}), log=lambda *_: None)
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    assert summary["train_step_compilations"] == 1  # every batch padded to the one 64-token bucket
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "adapter/adapter_config.json"):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -225,3 +226,20 @@ def test_adapter_for_another_rank_is_refused(tmp_path):
     model = load_model(MODELS / "llama3_rope", quant="none", lora=LoraConfig(rank=8, targets=("q_proj",)))
     with pytest.raises(ValueError, match=r"adapter has rank 4 on .*the model was built with"):
         load_peft_adapter(model, MODELS / "llama3_rope_peft_adapter")
+
+
+@pytest.mark.parametrize("source,path", [("hf_disk", FIXTURES / "hf_disk_alpaca"),
+                                         ("tfds", FIXTURES / "alpaca_small.jsonl")])
+def test_hf_disk_and_tfds_sources_read_the_same_examples_as_the_file(smollm2_dir, tmp_path, monkeypatch,
+                                                                     source, path):
+    """datasets.save_to_disk output (written by the real `datasets`) and a TFDS array_record preparation
+    (tfds.data_source, no TensorFlow) give the same tokenized examples as the plain JSON Lines file."""
+    monkeypatch.setenv("QLORA_JAX_CACHE", str(tmp_path))
+    tokenizer = load_tokenizer(smollm2_dir)
+    base = DataConfig(format="alpaca", path=str(FIXTURES / "alpaca_small.jsonl"), eval_size=4)
+    expected = load_dataset(base, tokenizer, 0)
+    got = load_dataset(DataConfig(format="alpaca", path=str(path), source=source, eval_size=4), tokenizer, 0)
+    assert len(got.train) == len(expected.train) == 20
+    for a, b in zip(got.train + got.eval, expected.train + expected.eval, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
