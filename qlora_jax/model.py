@@ -85,19 +85,24 @@ class KVCache:
                    length=jnp.zeros((), jnp.int32))
 
 
+def _projection(config: ModelConfig, name: str, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
+                rngs: nnx.Rngs, use_bias: bool = False) -> QLoRALinear:
+    """The linear layer ``name`` (q_proj ... down_proj) of a block, with an adapter if ``lora`` targets it."""
+    out_features, in_features = config.linear_shapes()[name]
+    target_lora = lora if lora is not None and name in lora.targets else None
+    return QLoRALinear(in_features, out_features, quant=quant, lora=target_lora, use_bias=use_bias,
+                       compute_dtype=compute_dtype, rngs=rngs)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings, causal + padding (+ sliding window) mask."""
 
     def __init__(self, config: ModelConfig, *, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
                  rngs: nnx.Rngs):
         self.config = config
-        shapes = config.linear_shapes()
 
         def linear(name, bias):
-            out_features, in_features = shapes[name]
-            target_lora = lora if lora is not None and name in lora.targets else None
-            return QLoRALinear(in_features, out_features, quant=quant, lora=target_lora, use_bias=bias,
-                               compute_dtype=compute_dtype, rngs=rngs)
+            return _projection(config, name, quant, lora, compute_dtype, rngs, use_bias=bias)
 
         self.q_proj = linear("q_proj", config.attention_bias)
         self.k_proj = linear("k_proj", config.attention_bias)
@@ -135,15 +140,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, quant: QuantConfig, lora: LoraConfig | None, compute_dtype,
                  rngs: nnx.Rngs):
-        shapes = config.linear_shapes()
-
-        def linear(name):
-            out_features, in_features = shapes[name]
-            target_lora = lora if lora is not None and name in lora.targets else None
-            return QLoRALinear(in_features, out_features, quant=quant, lora=target_lora,
-                               compute_dtype=compute_dtype, rngs=rngs)
-
-        self.gate_proj, self.up_proj, self.down_proj = linear("gate_proj"), linear("up_proj"), linear("down_proj")
+        names = ("gate_proj", "up_proj", "down_proj")
+        self.gate_proj, self.up_proj, self.down_proj = (
+            _projection(config, name, quant, lora, compute_dtype, rngs) for name in names)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x, rngs)) * self.up_proj(x, rngs), rngs)

@@ -169,6 +169,7 @@ def train(config: RunConfig, log=print) -> dict:
         log(f"step 0: held-out loss {summary['initial_eval_loss']:.4f}")
     started = time.perf_counter()
     tokens_seen = 0
+    evaluated_last = False
     progress = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps, desc="train",
                     dynamic_ncols=True, disable=None)
     for step in progress:
@@ -185,18 +186,20 @@ def train(config: RunConfig, log=print) -> dict:
                   "tokens_per_s": tokens / elapsed, "step_seconds": elapsed}
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_s']:.0f}")
         done = step + 1
-        if done % config.train.eval_every == 0 if config.train.eval_every else done == config.train.steps:
+        eval_now = done % config.train.eval_every == 0 if config.train.eval_every else done == config.train.steps
+        if eval_now:
             values["eval_loss"] = _held_out_loss(eval_step, lora, frozen, held_out)
             values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
             progress.write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
-        if done % config.train.log_every == 0 or "eval_loss" in values:
+        if done % config.train.log_every == 0 or eval_now:
             writer.write(done, values)
+        evaluated_last = eval_now
         if (config.train.save_every and done % config.train.save_every == 0) or done == config.train.steps:
             checkpoints.save(done, {"lora": lora, "opt_state": opt_state},
                              {"step": done, "data": iterator.state()})
     progress.close()
     wall = time.perf_counter() - started
-    if "eval_loss" not in (read_metrics(run_dir)[-1] if read_metrics(run_dir) else {}):
+    if not evaluated_last:  # the last step was not an evaluation step (or the run was already finished)
         final = _held_out_loss(eval_step, lora, frozen, held_out)
         writer.write(config.train.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
     writer.close()
