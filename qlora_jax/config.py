@@ -205,6 +205,9 @@ class QuantConfig:
     """Elements per absmax block."""
     double_quant: bool = True
     """Quantize the absmax constants to 8 bits (QLoRA §3)."""
+    kernel: Literal["auto", "pallas", "xla"] = "auto"
+    """4-bit matmul: pallas (fused Pallas/Triton kernels; interpreted, slowly, on CPU), xla (dequantize + dot),
+    auto (pallas on GPU, xla on CPU/TPU). Changes speed only, never what is stored."""
 
     def __post_init__(self):
         from .quant import BLOCKSIZES
@@ -214,11 +217,18 @@ class QuantConfig:
             problems.append(f"quant.quant_type={self.quant_type!r} must be one of nf4, fp4, int4, none")
         if self.blocksize not in BLOCKSIZES:
             problems.append(f"quant.blocksize={self.blocksize} must be one of {BLOCKSIZES}")
+        if self.kernel not in ("auto", "pallas", "xla"):
+            problems.append(f"quant.kernel={self.kernel!r} must be auto, pallas or xla")
         _raise_all(problems)
 
     @property
     def quantized(self) -> bool:
         return self.quant_type != "none"
+
+    @property
+    def storage(self) -> tuple[str, int, bool]:
+        """What decides the stored bytes: ``(quant_type, blocksize, double_quant)``."""
+        return self.quant_type, self.blocksize, self.double_quant
 
 
 @dataclass(frozen=True)

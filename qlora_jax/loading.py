@@ -112,19 +112,20 @@ def init_lora(model: nnx.Module, seed: int) -> None:
 
 def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                lora: LoraConfig | None = None, compute_dtype=jnp.bfloat16, seed: int = 0,
-               verbose: bool = False) -> LlamaForCausalLM:
+               verbose: bool = False, kernel: str = "auto") -> LlamaForCausalLM:
     """Load a local Hugging Face LLaMA-family directory as a QLoRA model.
 
     ``quant``: nf4 (default), fp4, int4, or none (bf16 base). A bitsandbytes 4-bit
     checkpoint is loaded as stored; its type must match ``quant``/``blocksize``/
     ``double_quant``. ``lora``: adapters on the configured targets (None: no adapters).
-    ``verbose`` prints the peak resident memory after loading.
+    ``verbose`` prints the peak resident memory after loading. ``kernel``: the 4-bit
+    matmul (``QuantConfig.kernel``).
     """
     directory = Path(path)
     config, raw = read_config(directory)
-    quant_config = QuantConfig(quant_type=quant, blocksize=blocksize, double_quant=double_quant)
+    quant_config = QuantConfig(quant_type=quant, blocksize=blocksize, double_quant=double_quant, kernel=kernel)
     stored = bnb_quant_config(raw, str(directory / "config.json"))
-    if stored is not None and stored != quant_config:
+    if stored is not None and stored.storage != quant_config.storage:
         raise ValueError(f"{directory} is a bitsandbytes checkpoint quantized as {stored.quant_type}, blocksize "
                          f"{stored.blocksize}, double_quant={stored.double_quant}; load it with those settings "
                          f"(asked for {quant}, {blocksize}, double_quant={double_quant})")

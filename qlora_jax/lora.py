@@ -108,7 +108,7 @@ class QLoRALinear(nnx.Module):
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """``x: [..., in]`` -> ``[..., out]`` in ``compute_dtype``; ``rngs`` (a ``dropout`` stream) enables dropout."""
         if self.quant.quantized:
-            y = quantized_matmul(x, self.quantized_weight(), self.compute_dtype)
+            y = quantized_matmul(x, self.quantized_weight(), self.compute_dtype, self.quant.kernel)
         else:
             w = jax.lax.stop_gradient(self.weight[...]).astype(self.compute_dtype)
             y = jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w,

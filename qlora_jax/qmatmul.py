@@ -1,9 +1,17 @@
 """``y = x @ dequant(W).T`` for a frozen 4-bit weight, with a gradient for ``x`` only.
 
 The weight never gets a gradient, and the dequantized weight is not kept as a
-residual for the backward pass: the backward pass dequantizes again and computes
-``dx = dy @ dequant(W)``. This is the XLA path (dequantize, then dot); the Pallas
-GPU kernels plug in behind the same function.
+residual for the backward pass: the backward pass computes ``dx = dy @ dequant(W)``
+from the packed weight again. Two implementations of both products:
+
+- ``xla``: dequantize the whole weight to the compute dtype, then one dot
+  (``pallas_kernels.nf4_matmul_reference``; the test oracle).
+- ``pallas``: the fused kernels of ``pallas_kernels.nf4_matmul``, which read the
+  packed codes and dequantize tiles in registers. Compiled through Triton on GPU;
+  on CPU they run in Pallas' interpreter (tests only: slow).
+
+``auto`` picks ``pallas`` on GPU and ``xla`` elsewhere. Weights the kernels do not take
+(``pallas_kernels.supports``) use ``xla``.
 """
 
 import functools
@@ -11,30 +19,53 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .quant import QuantizedTensor, dequantize
+from pallas_kernels import nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference, supports
+
+from .quant import QuantizedTensor
+
+KERNELS = ("auto", "pallas", "xla")
 
 
-def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype) -> jax.Array:
+def resolve_kernel(kernel: str, weight: QuantizedTensor) -> str:
+    """``auto``/``pallas``/``xla`` -> the implementation that runs here: ``xla``, ``pallas`` or ``interpret``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
+    on_gpu = jax.default_backend() == "gpu"
+    if kernel == "xla" or not supports(weight) or (kernel == "auto" and not on_gpu):
+        return "xla"
+    return "pallas" if on_gpu else "interpret"
+
+
+def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype, kernel: str = "auto") -> jax.Array:
     """``x: [..., in]`` times a ``[out, in]`` quantized weight -> ``[..., out]`` in ``compute_dtype``."""
-    return _matmul_for(jnp.dtype(compute_dtype).name)(x, weight)
+    return _matmul_for(jnp.dtype(compute_dtype).name, resolve_kernel(kernel, weight))(x, weight)
+
+
+_FORWARD = {"xla": nf4_matmul_reference, "pallas": nf4_matmul,
+            "interpret": functools.partial(nf4_matmul, interpret=True)}
+_BACKWARD = {"xla": nf4_matmul_t_reference, "pallas": nf4_matmul_t,
+             "interpret": functools.partial(nf4_matmul_t, interpret=True)}
+
+
+def _rows(fn, a: jax.Array, weight: QuantizedTensor) -> jax.Array:
+    """Apply a 2-D product ``fn`` to ``a: [..., width]`` by flattening the leading dimensions."""
+    out = fn(a.reshape(-1, a.shape[-1]), weight)
+    return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
 @functools.cache
-def _matmul_for(dtype_name: str):
+def _matmul_for(dtype_name: str, implementation: str):
     compute_dtype = jnp.dtype(dtype_name)
 
     def forward(x, weight):
-        w = dequantize(weight, compute_dtype)  # [out, in]
-        y = jnp.einsum("...i,oi->...o", x.astype(compute_dtype), w, preferred_element_type=jnp.float32)
-        return y.astype(compute_dtype)
+        return _rows(_FORWARD[implementation], x.astype(compute_dtype), weight)
 
     def forward_with_residuals(x, weight):
         return forward(x, weight), (weight, x[..., :0])  # x[..., :0] carries x's dtype, no data
 
     def backward(residuals, dy):
         weight, x_like = residuals
-        w = dequantize(weight, compute_dtype)  # recomputed: no dequantized copy is kept between passes
-        dx = jnp.einsum("...o,oi->...i", dy.astype(compute_dtype), w, preferred_element_type=jnp.float32)
+        dx = _rows(_BACKWARD[implementation], dy.astype(compute_dtype), weight)
         return dx.astype(x_like.dtype), None
 
     matmul = jax.custom_vjp(forward)

@@ -9,6 +9,7 @@ checkpoint is resumed from it.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -110,7 +111,8 @@ def _check_resume(run_dir: Path, config: RunConfig) -> None:
     if not saved.is_file():
         return
     previous = load_run_config(saved)
-    for section in ("model", "quant", "lora", "data"):
+    previous = dataclasses.replace(previous, quant=dataclasses.replace(previous.quant, kernel=config.quant.kernel))
+    for section in ("model", "quant", "lora", "data"):  # the kernel may change: it does not change the results
         if getattr(previous, section) != getattr(config, section):
             raise ConfigError(f"{run_dir} holds a run with a different {section!r} section ({saved}); "
                               f"use another train.run_name or delete the run directory to start over")
@@ -135,7 +137,8 @@ def train(config: RunConfig, log=print) -> dict:
         f"{dataset.skipped} malformed skipped")
     q = config.quant
     model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                       lora=config.lora, compute_dtype=compute_dtype, seed=config.train.seed, verbose=True)
+                       lora=config.lora, compute_dtype=compute_dtype, seed=config.train.seed, verbose=True,
+                       kernel=q.kernel)
     model.remat = config.train.gradient_checkpointing
     model.scan_layers = config.train.scan_layers
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)

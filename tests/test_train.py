@@ -14,14 +14,14 @@ from conftest import FIXTURES
 from flax import nnx
 
 from qlora_jax.config import DataConfig, LoraConfig, ModelConfig, QuantConfig
-from qlora_jax.config_io import ConfigError, load_run_config
+from qlora_jax.config_io import ConfigError, dump_run_config, load_run_config
 from qlora_jax.data import IGNORE, DataError, Encoder, load_dataset
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import LoRAParam
 from qlora_jax.peft import load_peft_adapter, save_peft_adapter
 from qlora_jax.safetensors_io import load_file, save_file
 from qlora_jax.tokenizer import load_tokenizer
-from qlora_jax.train import train
+from qlora_jax.train import _check_resume, train
 
 MODELS = FIXTURES / "models"
 
@@ -104,6 +104,15 @@ def test_resume_refuses_a_changed_config(tiny_chat_model, chat_file, tmp_path):
     train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 2}), log=lambda *_: None)
     with pytest.raises(ConfigError, match=r"holds a run with a different 'lora' section"):
         train(_config(tiny_chat_model, chat_file, run_dir, **{"lora.rank": 8}), log=lambda *_: None)
+
+
+def test_resume_accepts_another_kernel_but_not_another_quantization(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_run_config(load_run_config(None, ["quant.kernel=xla"]), run_dir / "config.yaml")
+    _check_resume(run_dir, load_run_config(None, ["quant.kernel=pallas"]))  # same results, other speed
+    with pytest.raises(ConfigError, match=r"holds a run with a different 'quant' section"):
+        _check_resume(run_dir, load_run_config(None, ["quant.blocksize=128"]))
 
 
 def test_optimizer_state_holds_only_lora_params(tiny_chat_model):
