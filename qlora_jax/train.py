@@ -10,8 +10,13 @@ checkpoint is resumed from it.
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,15 +27,15 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from . import assets
+from . import assets, atomic
 from .checkpoint import Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import IGNORE, BatchIterator, DataError, eval_batches, load_dataset
 from .loading import load_model
 from .lora import LoRAParam
-from .metrics import MetricsWriter, read_metrics, write_loss_png
-from .peft import save_peft_adapter
+from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_png
+from .peft import load_peft_adapter, save_peft_adapter
 from .tokenizer import load_tokenizer
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": assets.prepared_smollm2}
@@ -63,7 +68,11 @@ def token_loss_sums(model, batch: dict, dropout_key) -> tuple[jax.Array, jax.Arr
 
 
 def make_train_step(graphdef, tx, donate: bool):
-    """One optimizer step over ``[A, B, T]`` micro-batches; gradients only for the LoRA parameters."""
+    """One optimizer step over ``[A, B, T]`` micro-batches; gradients only for the LoRA parameters.
+
+    A step whose loss, gradients or updated parameters are not finite is not applied: the
+    parameters and optimizer state come back unchanged and ``metrics["applied"]`` is False.
+    """
 
     def step(lora, opt_state, frozen, batch, key):
         def micro(carry, inputs):
@@ -82,10 +91,14 @@ def make_train_step(graphdef, tx, donate: bool):
         (grad_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (batch, jnp.arange(steps)))
         denominator = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        lora = optax.apply_updates(lora, updates)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
-        return lora, opt_state, metrics
+        updates, new_opt_state = tx.update(grads, opt_state, lora)
+        new_lora = optax.apply_updates(lora, updates)
+        grad_norm = optax.tree.norm(grads)
+        applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_lora))
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(applied, new, old))
+        metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
+                   "applied": applied}
+        return keep(new_lora, lora), keep(new_opt_state, opt_state), metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
@@ -118,16 +131,77 @@ def _check_resume(run_dir: Path, config: RunConfig) -> None:
                               f"use another train.run_name or delete the run directory to start over")
 
 
-def train(config: RunConfig, log=print) -> dict:
-    """Run (or resume) the fine-tune described by ``config``; returns the summary written to summary.json."""
-    run_dir = config.train.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(run_dir, config.train.keep_checkpoints)
-    resume_step = checkpoints.latest_step()
-    if resume_step is not None:
-        _check_resume(run_dir, config)
-    dump_run_config(config, run_dir / "config.yaml")
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step for a reason the user can fix (the message says which)."""
 
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: a checkpoint of the last finished step was saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}/checkpoints; "
+                         f"run the same command again to resume")
+
+
+class _StopRequests:
+    """Turns SIGINT and SIGTERM into a flag the loop checks between steps (a second signal stops at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def latest_checkpoint(run_dir: Path) -> int | None:
+    """The newest complete checkpoint step of a run directory (read only; None if there is none)."""
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    checkpoints = Checkpoints(run_dir, 1)
+    try:
+        return checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+
+
+def _check_output_location(run_dir: Path) -> Path:
+    """Fail before any loading if the run directory cannot be created or written; returns its nearest existing
+    ancestor (or itself)."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.out_dir: {existing} is not a directory, so {run_dir} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.out_dir: no permission to write in {existing}")
+    return existing
+
+
+def _check_free_space(location: Path, lora, opt_state, keep: int) -> None:
+    """Checkpoints (kept + one being written) and the adapter must fit on the output disk."""
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((lora, opt_state)))
+    lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora))
+    needed = (keep + 1) * state_bytes + 2 * lora_bytes + (16 << 20)  # + metrics, events, plots
+    free = shutil.disk_usage(location).free
+    if free < needed:
+        raise ConfigError(f"train.out_dir: {location} has {free / 2**20:.0f} MiB free; checkpoints and the adapter "
+                          f"need about {needed / 2**20:.0f} MiB (lower train.keep_checkpoints or free space)")
+
+
+def _load(config: RunConfig, log):
+    """Everything read from the inputs, all validated before the run directory is touched."""
     model_dir = resolve_model_dir(config.model.path)
     compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
     tokenizer = load_tokenizer(model_dir)
@@ -139,92 +213,170 @@ def train(config: RunConfig, log=print) -> dict:
     model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
                        lora=config.lora, compute_dtype=compute_dtype, seed=config.train.seed, verbose=True,
                        kernel=q.kernel)
+    if config.model.adapter:
+        load_peft_adapter(model, Path(config.model.adapter).expanduser())
     model.remat = config.train.gradient_checkpointing
     model.scan_layers = config.train.scan_layers
+    return model_dir, tokenizer, dataset, model
+
+
+def train(config: RunConfig, log=print) -> dict:
+    """Run (or resume) the fine-tune described by ``config``; returns the summary written to summary.json.
+
+    Raises ``ConfigError``/``DataError``/``ValueError``/``FileNotFoundError`` for bad input
+    before writing anything, ``TrainingStopped`` when the run cannot go on, and
+    ``Interrupted`` after SIGINT/SIGTERM (with a checkpoint saved).
+    """
+    run_dir = config.train.run_dir
+    resume_step = latest_checkpoint(run_dir)
+    if resume_step is not None:
+        _check_resume(run_dir, config)
+    location = _check_output_location(run_dir)
+    model_dir, tokenizer, dataset, model = _load(config, log)
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     tx, schedule = config.optimizer.build(config.train.steps)
     opt_state = tx.init(lora)
+    _check_free_space(location, lora, opt_state, config.train.keep_checkpoints)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(run_dir, config.train.keep_checkpoints)
+    dump_run_config(config, run_dir / "config.yaml")
     chat_like = config.data.format in ("chitchat", "chat", "text")
     max_length = config.data.max_len if chat_like else config.data.source_max_len + config.data.target_max_len
     iterator = BatchIterator(dataset.train, config.train.batch_size, config.train.grad_accum, config.train.seed,
                              config.data.group_by_length, tokenizer.pad_id, max_length, config.data.bucket)
-    start = 0
     if resume_step is not None:
         state, meta = checkpoints.restore(resume_step, {"lora": lora, "opt_state": opt_state})
         lora, opt_state = state["lora"], state["opt_state"]
         iterator.restore(meta["data"])
-        start = resume_step
+        truncate_metrics(run_dir, resume_step)
         log(f"resumed from {run_dir}/checkpoints/step_{resume_step}")
-
-    train_step = make_train_step(graphdef, tx, donate=jax.default_backend() != "cpu")
-    eval_step = make_eval_step(graphdef)
-    held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
-                                 config.data.bucket, config.train.eval_batches))
-    if start == 0:
+    else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-    writer = MetricsWriter(run_dir)
-    key = jax.random.key(config.train.seed)
-    summary = {"initial_eval_loss": None}
-    if start == 0:
-        summary["initial_eval_loss"] = _held_out_loss(eval_step, lora, frozen, held_out)
-        writer.write(0, {"eval_loss": summary["initial_eval_loss"],
-                         "eval_perplexity": float(np.exp(summary["initial_eval_loss"]))})
-        log(f"step 0: held-out loss {summary['initial_eval_loss']:.4f}")
-    started = time.perf_counter()
-    tokens_seen = 0
-    evaluated_last = False
-    progress = tqdm(range(start, config.train.steps), initial=start, total=config.train.steps, desc="train",
-                    dynamic_ncols=True, disable=None)
-    for step in progress:
-        batch = next(iterator)
-        step_start = time.perf_counter()
-        lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch, jax.random.fold_in(key, step))
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss}; stopping (no checkpoint written)")
-        elapsed = time.perf_counter() - step_start
-        tokens = int(batch["attention_mask"].sum())
-        tokens_seen += tokens
-        values = {"loss": loss, "lr": float(schedule(step)), "grad_norm": float(metrics["grad_norm"]),
-                  "tokens_per_s": tokens / elapsed, "step_seconds": elapsed}
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{values['tokens_per_s']:.0f}")
-        done = step + 1
-        eval_now = done % config.train.eval_every == 0 if config.train.eval_every else done == config.train.steps
-        if eval_now:
-            values["eval_loss"] = _held_out_loss(eval_step, lora, frozen, held_out)
-            values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
-            progress.write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
-        if done % config.train.log_every == 0 or eval_now:
-            writer.write(done, values)
-        evaluated_last = eval_now
-        if (config.train.save_every and done % config.train.save_every == 0) or done == config.train.steps:
-            checkpoints.save(done, {"lora": lora, "opt_state": opt_state},
-                             {"step": done, "data": iterator.state()})
-    progress.close()
-    wall = time.perf_counter() - started
-    if not evaluated_last:  # the last step was not an evaluation step (or the run was already finished)
-        final = _held_out_loss(eval_step, lora, frozen, held_out)
-        writer.write(config.train.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
-    writer.close()
-    checkpoints.close()
+    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir)
+    loop.held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
+                                      config.data.bucket, config.train.eval_batches))
+    try:
+        lora = loop.run(tx, lora, opt_state, resume_step or 0, log)
+    finally:
+        loop.writer.close()
+        checkpoints.close()
     model = nnx.merge(graphdef, lora, frozen)
     save_peft_adapter(model, run_dir / "adapter", str(model_dir))
+    return _write_summary(run_dir, config, loop, resume_step, model_dir, log)
+
+
+class _Loop:
+    """The step loop: logging, evaluation, checkpoints, non-finite steps and stop signals."""
+
+    def __init__(self, config: RunConfig, graphdef, frozen, schedule, checkpoints: Checkpoints,
+                 iterator: BatchIterator, run_dir: Path):
+        self.config, self.frozen, self.schedule = config, frozen, schedule
+        self.checkpoints, self.iterator, self.run_dir = checkpoints, iterator, run_dir
+        self.graphdef = graphdef
+        self.eval_step = make_eval_step(graphdef)
+        self.writer = MetricsWriter(run_dir)
+        self.held_out: list = []
+        self.initial_eval_loss = None
+        self.tokens_seen, self.wall, self.compilations = 0, 0.0, 0
+
+    def evaluate(self, lora) -> float:
+        return _held_out_loss(self.eval_step, lora, self.frozen, self.held_out)
+
+    def save(self, step: int, lora, opt_state) -> None:
+        try:
+            self.checkpoints.save(step, {"lora": lora, "opt_state": opt_state},
+                                  {"step": step, "data": self.iterator.state()})
+        except OSError as err:
+            previous = self.checkpoints.latest_step()
+            raise TrainingStopped(f"could not write checkpoint step {step} in {self.run_dir}/checkpoints "
+                                  f"({err.strerror or err}); the previous checkpoint (step {previous}) is intact; "
+                                  "free space and run the same command again to resume") from None
+
+    def run(self, tx, lora, opt_state, start: int, log):
+        settings = self.config.train
+        train_step = make_train_step(self.graphdef, tx, donate=jax.default_backend() != "cpu")
+        if start == 0:
+            self.initial_eval_loss = self.evaluate(lora)
+            self.writer.write(0, {"eval_loss": self.initial_eval_loss,
+                                  "eval_perplexity": float(np.exp(self.initial_eval_loss))})
+            log(f"step 0: held-out loss {self.initial_eval_loss:.4f}")
+        started = time.perf_counter()
+        bad_streak, evaluated_last, saved_last = 0, False, False
+        progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train",
+                        dynamic_ncols=True, disable=None)
+        with _StopRequests() as stop:
+            for step in progress:
+                position = self.iterator.state()
+                batch = next(self.iterator)
+                step_start = time.perf_counter()
+                lora, opt_state, metrics = train_step(lora, opt_state, self.frozen, batch,
+                                                      jax.random.fold_in(jax.random.key(settings.seed), step))
+                loss, done = float(metrics["loss"]), step + 1
+                elapsed = time.perf_counter() - step_start
+                if bool(metrics["applied"]):
+                    bad_streak = 0
+                    tokens = int(batch["attention_mask"].sum())
+                    self.tokens_seen += tokens
+                    values = {"loss": loss, "lr": float(self.schedule(step)), "grad_norm": float(metrics["grad_norm"]),
+                              "tokens_per_s": tokens / elapsed, "step_seconds": elapsed}
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
+                                         tok_s=f"{values['tokens_per_s']:.0f}")
+                else:
+                    bad_streak += 1
+                    values = {"skipped_step": 1.0}
+                    progress.write(f"step {done}: loss {loss} / gradient norm {float(metrics['grad_norm'])} is not "
+                                   f"finite; update skipped (batch at data epoch {position['epoch']}, "
+                                   f"index {position['index']})")
+                    if bad_streak >= settings.max_bad_steps:
+                        raise TrainingStopped(
+                            f"{bad_streak} steps in a row (through step {done}) had a non-finite loss or gradient; "
+                            f"stopping (train.max_bad_steps={settings.max_bad_steps}). No checkpoint holds NaN/Inf: "
+                            f"the newest is step {self.checkpoints.latest_step()}. Lower optimizer.lr, check the "
+                            "data, or use model.compute_dtype=float32")
+                eval_now = done % settings.eval_every == 0 if settings.eval_every else done == settings.steps
+                if eval_now:
+                    values["eval_loss"] = self.evaluate(lora)
+                    values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
+                    progress.write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
+                if done % settings.log_every == 0 or eval_now:
+                    self.writer.write(done, values)
+                evaluated_last = eval_now
+                saved_last = (settings.save_every and done % settings.save_every == 0) or done == settings.steps
+                if saved_last:
+                    self.save(done, lora, opt_state)
+                if stop.signum is not None:
+                    if not saved_last:
+                        self.save(done, lora, opt_state)
+                    progress.close()
+                    raise Interrupted(stop.signum, done, self.run_dir)
+        progress.close()
+        self.wall = time.perf_counter() - started
+        self.compilations = train_step._cache_size()  # one per padded length bucket seen
+        if not evaluated_last:  # the last step was not an evaluation step (or the run was already finished)
+            final = self.evaluate(lora)
+            self.writer.write(settings.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
+        return lora
+
+
+def _write_summary(run_dir: Path, config: RunConfig, loop: _Loop, resume_step, model_dir: Path, log) -> dict:
     history = read_metrics(run_dir)
     write_loss_png(run_dir / "loss_curve.png", {
         "train": [(m["step"], m["loss"]) for m in history if "loss" in m],
         "eval": [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]})
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
-    summary.update({
-        "initial_eval_loss": summary["initial_eval_loss"] if summary["initial_eval_loss"] is not None else evals[0],
+    summary = {
+        "initial_eval_loss": loop.initial_eval_loss if loop.initial_eval_loss is not None else evals[0],
         "final_eval_loss": evals[-1], "steps": config.train.steps, "resumed_from": resume_step,
-        "train_seconds": wall, "tokens_per_second": tokens_seen / wall if wall else 0.0,
+        "train_seconds": loop.wall, "tokens_per_second": loop.tokens_seen / loop.wall if loop.wall else 0.0,
         "median_step_tokens_per_second": float(np.median([m["tokens_per_s"] for m in history if "tokens_per_s" in m]
                                                          or [0.0])),
+        "skipped_steps": sum(1 for m in history if "skipped_step" in m),
         "adapter": str(run_dir / "adapter"), "model_dir": str(model_dir),
-        "train_step_compilations": train_step._cache_size(),  # one per padded length bucket seen
+        "train_step_compilations": loop.compilations,
         "config": to_plain_dict(config),
-    })
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    }
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"done: held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
         f"adapter in {run_dir / 'adapter'}")
     return summary
@@ -240,12 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
-        if args.resume and Checkpoints(config.train.run_dir, 1).latest_step() is None:
+        if args.resume and latest_checkpoint(config.train.run_dir) is None:
             raise ConfigError(f"--resume: {config.train.run_dir} has no checkpoint to resume from")
         train(config)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + err.signum
     return 0
 
 
