@@ -136,6 +136,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
                 raise ConfigError(f"--set {override!r}: {key!r} is not a section")
             node = existing
         node[keys[-1]] = value
+    if overrides:
+        source = "--set" if path is None else f"{source} with --set"
     try:
         return _build(RunConfig, raw, "")
     except ConfigError as err:

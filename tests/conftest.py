@@ -1,10 +1,17 @@
-"""Shared test setup: fixture paths and the bitsandbytes oracle data."""
+"""Shared test setup: fixture paths, the bitsandbytes oracle data, a tiny chat model and its training config."""
 
 import json
+import shutil
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
+
+from qlora_jax.config import ModelConfig, QuantConfig
+from qlora_jax.config_io import load_run_config
+from qlora_jax.loading import random_model
+from qlora_jax.safetensors_io import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -33,3 +40,59 @@ def smollm2_dir() -> Path:
 def smollm2_reference() -> dict:
     """transformers' numbers for the converted SmolLM2 (scripts/make_smollm2_reference.py)."""
     return json.loads((FIXTURES / "smollm2_reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir):
+    """A 2-layer random llama with SmolLM2's tokenizer (vocab 49152), saved as a Hugging Face directory."""
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"), smollm2_dir)
+
+
+def write_tiny_chat_model(directory: Path, smollm2_dir: Path, nan_embeddings: bool = False) -> Path:
+    """Write the tiny chat model into ``directory``; ``nan_embeddings`` makes every loss NaN."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = random_model(config, quant=QuantConfig("none"), seed=1, init_scale=0.05)
+    embeddings = model.embed_tokens[...] * (np.nan if nan_embeddings else 1)
+    tensors = {"model.embed_tokens.weight": embeddings, "model.norm.weight": model.norm.weight[...]}
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight[...]
+        tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight[...]
+        for block in ("self_attn", "mlp"):
+            for name, module in vars(getattr(layer, block)).items():
+                if name.endswith("_proj"):
+                    tensors[f"{prefix}{block}.{name}.weight"] = module.weight[...]
+    save_file({k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+              directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(8) for b in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def train_config(model_dir, data_file, run_dir, **overrides):
+    settings = {"model.path": str(model_dir), "data.format": "chat", "data.path": str(data_file),
+                "data.max_len": 64, "data.eval_size": 8, "lora.rank": 4, "lora.dropout": 0.1,
+                "train.batch_size": 4, "train.grad_accum": 2, "train.steps": 4, "train.eval_every": 2,
+                "train.save_every": 2, "train.eval_batches": 2, "train.out_dir": str(run_dir.parent),
+                "train.run_name": run_dir.name, "optimizer.lr": 0.01, "optimizer.warmup_steps": 1}
+    settings.update(overrides)
+    return load_run_config(None, [f"{k}={v}" for k, v in settings.items()])
+
+
+def adapter_bytes(run_dir) -> dict:
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return {k: v.tobytes() for k, v in tensors.items()}

@@ -7,78 +7,27 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, adapter_bytes, train_config
 from flax import nnx
 
-from qlora_jax.config import DataConfig, LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.config import DataConfig, LoraConfig
 from qlora_jax.config_io import ConfigError, dump_run_config, load_run_config
 from qlora_jax.data import IGNORE, DataError, Encoder, load_dataset
-from qlora_jax.loading import load_model, random_model
+from qlora_jax.loading import load_model
 from qlora_jax.lora import LoRAParam
 from qlora_jax.peft import load_peft_adapter, save_peft_adapter
-from qlora_jax.safetensors_io import load_file, save_file
+from qlora_jax.safetensors_io import load_file
 from qlora_jax.tokenizer import load_tokenizer
 from qlora_jax.train import _check_resume, train
 
 MODELS = FIXTURES / "models"
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, smollm2_dir):
-    """A 2-layer random llama with SmolLM2's tokenizer (vocab 49152), saved as a Hugging Face directory."""
-    directory = tmp_path_factory.mktemp("tiny_chat")
-    config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = random_model(config, quant=QuantConfig("none"), seed=1, init_scale=0.05)
-    tensors = {"model.embed_tokens.weight": model.embed_tokens[...], "model.norm.weight": model.norm.weight[...]}
-    for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight[...]
-        tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight[...]
-        for block in ("self_attn", "mlp"):
-            for name, module in vars(getattr(layer, block)).items():
-                if name.endswith("_proj"):
-                    tensors[f"{prefix}{block}.{name}.weight"] = module.weight[...]
-    save_file({k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
-              directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, directory / name)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(8) for b in range(5)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-def _config(model_dir, data_file, run_dir, **overrides):
-    settings = {"model.path": str(model_dir), "data.format": "chat", "data.path": str(data_file),
-                "data.max_len": 64, "data.eval_size": 8, "lora.rank": 4, "lora.dropout": 0.1,
-                "train.batch_size": 4, "train.grad_accum": 2, "train.steps": 4, "train.eval_every": 2,
-                "train.save_every": 2, "train.eval_batches": 2, "train.out_dir": str(run_dir.parent),
-                "train.run_name": run_dir.name, "optimizer.lr": 0.01, "optimizer.warmup_steps": 1}
-    settings.update(overrides)
-    return load_run_config(None, [f"{k}={v}" for k, v in settings.items()])
-
-
-def _adapter_bytes(run_dir) -> dict:
-    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    return {k: v.tobytes() for k, v in tensors.items()}
-
-
 def test_training_lowers_held_out_loss_and_writes_outputs(tiny_chat_model, chat_file, tmp_path):
     run_dir = tmp_path / "run"
-    summary = train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 6}), log=lambda *_: None)
+    summary = train(train_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 6}), log=lambda *_: None)
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
     assert summary["train_step_compilations"] == 1  # every batch padded to the one 64-token bucket
     for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "summary.json", "adapter/adapter_config.json"):
@@ -90,20 +39,20 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny_chat_model, chat_
 
 def test_interrupted_and_resumed_run_reaches_the_same_adapter(tiny_chat_model, chat_file, tmp_path):
     straight = tmp_path / "straight"
-    train(_config(tiny_chat_model, chat_file, straight), log=lambda *_: None)
+    train(train_config(tiny_chat_model, chat_file, straight), log=lambda *_: None)
     resumed = tmp_path / "resumed"
-    train(_config(tiny_chat_model, chat_file, resumed, **{"train.steps": 2}), log=lambda *_: None)
+    train(train_config(tiny_chat_model, chat_file, resumed, **{"train.steps": 2}), log=lambda *_: None)
     shutil.rmtree(resumed / "adapter")
-    summary = train(_config(tiny_chat_model, chat_file, resumed), log=lambda *_: None)
+    summary = train(train_config(tiny_chat_model, chat_file, resumed), log=lambda *_: None)
     assert summary["resumed_from"] == 2
-    assert _adapter_bytes(resumed) == _adapter_bytes(straight)
+    assert adapter_bytes(resumed) == adapter_bytes(straight)
 
 
-def test_resume_refuses_a_changed_config(tiny_chat_model, chat_file, tmp_path):
+def test_resume_refuses_a_changedtrain_config(tiny_chat_model, chat_file, tmp_path):
     run_dir = tmp_path / "run"
-    train(_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 2}), log=lambda *_: None)
+    train(train_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 2}), log=lambda *_: None)
     with pytest.raises(ConfigError, match=r"holds a run with a different 'lora' section"):
-        train(_config(tiny_chat_model, chat_file, run_dir, **{"lora.rank": 8}), log=lambda *_: None)
+        train(train_config(tiny_chat_model, chat_file, run_dir, **{"lora.rank": 8}), log=lambda *_: None)
 
 
 def test_resume_accepts_another_kernel_but_not_another_quantization(tmp_path):

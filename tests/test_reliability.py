@@ -1,0 +1,437 @@
+"""Reliability: bad input fails in one line with exit 2 and writes nothing; kill -9, SIGTERM and Ctrl-C
+at any point resume to the uninterrupted result; non-finite steps are skipped; a full disk is reported."""
+
+import dataclasses
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from conftest import adapter_bytes, train_config, write_tiny_chat_model
+from flax import nnx
+
+from qlora_jax import train as train_module
+from qlora_jax.checkpoint import Checkpoints
+from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.loading import random_model
+from qlora_jax.lora import LoRAParam
+from qlora_jax.peft import save_peft_adapter
+from qlora_jax.train import main, make_train_step, train
+
+RUNNER = Path(__file__).parent / "crash_runner.py"
+
+CHAT_ROW = {"messages": [{"role": "user", "content": "What is 1 plus 2?"},
+                         {"role": "assistant", "content": "1 plus 2 is 3."}]}
+
+
+@pytest.fixture
+def inputs(tmp_path, tiny_chat_model, chat_file):
+    """A private copy of the tiny model and chat data, and the run directory a run would create."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(chat_file, data)
+    return {"model": model, "data": data, "out": tmp_path / "runs", "tmp": tmp_path}
+
+
+def _argv(inputs, *overrides: str, config: Path | None = None) -> list[str]:
+    settings = {"model.path": inputs["model"], "data.format": "chat", "data.path": inputs["data"],
+                "data.max_len": 64, "data.eval_size": 8, "lora.rank": 4, "train.batch_size": 4, "train.steps": 2,
+                "train.out_dir": inputs["out"], "train.run_name": "run"}
+    argv = ["--config", str(config)] if config else []
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    for override in overrides:
+        argv += ["--set", override]
+    return argv
+
+
+# --- bad input: each case changes the valid inputs, then names what the one-line error must say -----
+
+def _yaml(text):
+    def make(inputs):
+        path = inputs["tmp"] / "bad.yaml"
+        path.write_text(text)
+        return {"config": path}
+    return make
+
+
+def _set(*overrides):
+    return lambda inputs: {"overrides": overrides}
+
+
+def _edit_json(name, change):
+    def make(inputs):
+        path = inputs["model"] / name
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+        return {}
+    return make
+
+
+def _remove(name):
+    def make(inputs):
+        (inputs["model"] / name).unlink()
+        return {}
+    return make
+
+
+def _write_model_file(name, content: bytes):
+    def make(inputs):
+        (inputs["model"] / name).write_bytes(content)
+        return {}
+    return make
+
+
+def _mangle_weights(change):
+    def make(inputs):
+        path = inputs["model"] / "model.safetensors"
+        path.write_bytes(change(path.read_bytes()))
+        return {}
+    return make
+
+
+def _header(raw: bytes) -> tuple[dict, bytes]:
+    length = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _with_header(header: dict, data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def _retarget_first_tensor(**entry):
+    def change(raw):
+        header, data = _header(raw)
+        name = sorted(k for k in header if k != "__metadata__")[0]
+        header[name].update(entry)
+        return _with_header(header, data)
+    return change
+
+
+def _shard_index(weight_map):
+    def make(inputs):
+        (inputs["model"] / "model.safetensors").unlink()
+        (inputs["model"] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return {}
+    return make
+
+
+def _pickle_only(inputs):
+    (inputs["model"] / "model.safetensors").unlink()
+    (inputs["model"] / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return {}
+
+
+def _data(text):
+    def make(inputs):
+        inputs["data"].write_text(text)
+        return {}
+    return make
+
+
+def _adapter(rank=4, alpha=8.0, corrupt_config=False, intermediate_size=None):
+    def make(inputs):
+        config = ModelConfig.from_hf_dict(json.loads((inputs["model"] / "config.json").read_text()))
+        if intermediate_size:  # an adapter trained on a differently shaped base model
+            config = dataclasses.replace(config, intermediate_size=intermediate_size)
+        model = random_model(config, quant=QuantConfig("none"), lora=LoraConfig(rank=rank, alpha=alpha), seed=2)
+        adapter = save_peft_adapter(model, inputs["tmp"] / "adapter", "tiny")
+        if corrupt_config:
+            (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        return {"overrides": [f"model.adapter={adapter}", f"lora.alpha={8.0}"]}
+    return make
+
+
+def _changed_resume(inputs):
+    train(train_config(inputs["model"], inputs["data"], inputs["out"] / "run", **{"train.steps": 1}),
+          log=lambda *_: None)
+    return {"overrides": ["lora.rank=8"], "existing_run": True}
+
+
+def _out_dir_is_a_file(inputs):
+    path = inputs["tmp"] / "a_file"
+    path.write_text("")
+    return {"overrides": [f"train.out_dir={path}"], "run_dir": path / "run"}
+
+
+def _empty_assistant(inputs):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    inputs["data"].write_text(json.dumps(row) + "\n")
+    return {}
+
+
+BAD_INPUTS = [
+    # YAML and config structure
+    ("yaml syntax", _yaml("model: [unclosed\n"), r"bad\.yaml: invalid YAML"),
+    ("yaml tab indent", _yaml("model:\n\tpath: x\n"), r"bad\.yaml: invalid YAML"),
+    ("yaml not a mapping", _yaml("- model\n- quant\n"), r"bad\.yaml: the top level must be a mapping"),
+    ("config file missing", lambda i: {"config": i["tmp"] / "nope.yaml"}, r"config file .*nope\.yaml does not exist"),
+    ("unknown section", _yaml("modle:\n  path: x\n"), r"unknown key 'modle'.*did you mean 'model'"),
+    ("unknown key", _yaml("lora:\n  rnak: 4\n"),
+     r"bad\.yaml with --set: unknown key 'lora\.rnak'; did you mean 'rank'"),
+    ("unknown --set key", _set("train.stepz=3"), r"--set: unknown key 'train\.stepz'; did you mean 'steps'"),
+    ("--set without =", _set("train.steps"), r"--set 'train\.steps': expected section\.key=value"),
+    ("--set not a section", _set("steps=3"), r"--set: unknown key 'steps'; known keys: model, quant"),
+    # wrong types
+    ("steps not an integer", _set("train.steps=ten"), r"train\.steps.*expected an integer"),
+    ("rank a float", _set("lora.rank=1.5"), r"lora\.rank.*expected an integer"),
+    ("double_quant not bool", _set("quant.double_quant=maybe"), r"quant\.double_quant.*expected true or false"),
+    ("lr not a number", _set("optimizer.lr=fast"), r"optimizer\.lr.*expected a number"),
+    ("targets not a list", _yaml("lora:\n  targets: 7\n"), r"lora\.targets.*expected a list"),
+    # impossible values
+    ("zero steps", _set("train.steps=0"), r"train\.steps=0 must be an integer >= 1"),
+    ("negative batch", _set("train.batch_size=-1"), r"train\.batch_size=-1 must be an integer >= 1"),
+    ("zero rank", _set("lora.rank=0"), r"lora\.rank"),
+    ("dropout above 1", _set("lora.dropout=1.5"), r"lora\.dropout"),
+    ("blocksize 48", _set("quant.blocksize=48"), r"quant\.blocksize=48 must be one of"),
+    ("quant type nf3", _set("quant.quant_type=nf3"), r"quant\.quant_type.*'nf3'"),
+    ("kernel name", _set("quant.kernel=cuda"), r"quant\.kernel.*'cuda'"),
+    ("negative lr", _set("optimizer.lr=-1"), r"optimizer\.lr"),
+    ("run name with slash", _set("train.run_name=a/b"), r"train\.run_name='a/b' must be a non-empty name"),
+    ("unknown lora target", _set("lora.targets=[q_proj, lm_head]"), r"lora\.targets.*lm_head"),
+    # model directory
+    ("model dir missing", _set("model.path=/nonexistent/model"), r"model\.path '/nonexistent/model' is neither"),
+    ("model path is a file", lambda i: {"overrides": [f"model.path={i['data']}"]}, r"chat\.jsonl' is neither"),
+    ("config.json missing", _remove("config.json"), r"has no config\.json"),
+    ("config.json not JSON", _write_model_file("config.json", b"{oops"), r"config\.json: not valid JSON"),
+    ("unsupported model_type", _edit_json("config.json", lambda c: c.update(model_type="gpt2")),
+     r"config\.json: model_type='gpt2' is not supported; supported: llama"),
+    ("config lacks hidden_size", _edit_json("config.json", lambda c: c.pop("hidden_size")),
+     r"config\.json.*hidden_size"),
+    ("tokenizer missing", _remove("tokenizer.json"), r"has no tokenizer\.json or tokenizer\.model"),
+    ("tokenizer corrupt", _write_model_file("tokenizer.json", b"{}"), r"tokenizer\.json: cannot be read"),
+    ("config/weights shape mismatch", _edit_json("config.json", lambda c: c.update(intermediate_size=256)),
+     r"has shape \(128, 64\) but config\.json implies \(256, 64\)"),
+    ("weights lack a layer", _edit_json("config.json", lambda c: c.update(num_hidden_layers=3)),
+     r"checkpoint lacks 9 tensor\(s\) config\.json implies"),
+    ("truncated safetensors", _mangle_weights(lambda raw: raw[: len(raw) // 2]),
+     r"model\.safetensors: .*outside the \d+ data bytes"),
+    ("safetensors header not JSON", _mangle_weights(lambda raw: struct.pack("<Q", 4) + b"{no}" + raw[12:]),
+     r"model\.safetensors: not a valid safetensors file: header is not UTF-8 JSON"),
+    ("absurd header length", _mangle_weights(lambda raw: struct.pack("<Q", 1 << 60) + raw[8:]),
+     r"model\.safetensors: not a valid safetensors file: header claims 1152921504606846976 bytes but the file has"),
+    ("offsets outside the file", _mangle_weights(_retarget_first_tensor(data_offsets=[0, 1 << 40])),
+     r"model\.safetensors: not a valid safetensors file: tensor '.*' has data_offsets \[0, 1099511627776\] outside"),
+    ("unsupported dtype", _mangle_weights(_retarget_first_tensor(dtype="X9")),
+     r"model\.safetensors: not a valid safetensors file: tensor '.*' has unsupported dtype 'X9'"),
+    ("empty safetensors file", _write_model_file("model.safetensors", b""),
+     r"model\.safetensors: not a valid safetensors file: file has 0 bytes, fewer than the 8-byte header"),
+    ("index names a missing shard", _shard_index({"model.norm.weight": "model-00001.safetensors"}),
+     r"index\.json lists shards that do not exist: \['model-00001\.safetensors'\]"),
+    ("index escapes the directory", _shard_index({"model.norm.weight": "../../etc/passwd"}),
+     r"shard path '\.\./\.\./etc/passwd' points outside"),
+    ("pickle checkpoint", _pickle_only, r"holds only pickle checkpoints \['pytorch_model\.bin'\]; .*never unpickles"),
+    # data
+    ("data file missing", _set("data.path=/nonexistent/data.jsonl"), r"/nonexistent/data\.jsonl"),
+    ("bad JSON line", _data(json.dumps(CHAT_ROW) + "\n{not json\n"), r"chat\.jsonl:2: invalid JSON line"),
+    ("record not an object", _data("[1, 2]\n"), r"chat\.jsonl\[0\]: expected a JSON object, got int"),
+    ("missing messages", _data(json.dumps({"text": "hi"}) + "\n"), r"chat\.jsonl:1: field 'messages'"),
+    ("content wrong type", _data(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n"),
+     r"chat\.jsonl:1: .*content.* must be a string, got int"),
+    ("empty content", _empty_assistant, r"chat\.jsonl:1: messages\[1\]: field 'content' is empty"),
+    ("no assistant turn", _data(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"),
+     r"chat\.jsonl:1: no assistant message to learn from"),
+    ("empty data file", _data(""), r"chat\.jsonl: 0 usable examples"),
+    ("all examples too long", lambda i: {"overrides": ["data.max_len=4"]}, r"chat\.jsonl: 0 usable examples"),
+    # adapters, resume, output
+    ("adapter of another rank", _adapter(rank=8), r"adapter has rank 8, alpha 8.*the model expects"),
+    ("adapter config broken", _adapter(corrupt_config=True), r"adapter_config\.json: missing key 'r'"),
+    ("adapter dir missing", _set("model.adapter=/nonexistent/adapter"), r"/nonexistent/adapter has no adapter_config"),
+    ("adapter of another base model", _adapter(intermediate_size=96),
+     r"has shape .* the model expects .*different base model"),
+    ("resume with a changed config", _changed_resume, r"holds a run with a different 'lora' section"),
+    ("--resume without checkpoint", lambda i: {"argv": ["--resume"]}, r"--resume: .* has no checkpoint to resume"),
+    ("out_dir is a file", _out_dir_is_a_file, r"train\.out_dir: .*a_file is not a directory"),
+]
+
+
+@pytest.mark.parametrize("make", [case[1] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(make, inputs, capsys):
+    message = dict((id(c[1]), c[2]) for c in BAD_INPUTS)[id(make)]
+    setup = make(inputs)
+    run_dir = setup.get("run_dir", inputs["out"] / "run")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) if run_dir.exists() else None
+    capsys.readouterr()
+    argv = _argv(inputs, *setup.get("overrides", ()), config=setup.get("config")) + setup.get("argv", [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+    after = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) if run_dir.exists() else None
+    assert after == before  # nothing written (a resumed run's directory is unchanged)
+
+
+def test_there_are_at_least_40_bad_inputs():
+    assert len(BAD_INPUTS) >= 40
+
+
+# --- crashes -------------------------------------------------------------------------------------------
+
+def _run_cli(point: str, count: int, argv: list[str], cache: Path) -> subprocess.CompletedProcess:
+    """The training CLI in a fresh process that dies at ``point``; compiled steps are shared through ``cache``."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(RUNNER), point, str(count), *argv], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_adapter(inputs):
+    overrides = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.eval_batches=2",
+                 "optimizer.lr=0.01", "lora.dropout=0.1", "train.grad_accum=2"]
+    argv = _argv(inputs, *overrides)
+    assert main(argv + ["--set", "train.run_name=straight"]) == 0
+    straight, run_dir = inputs["out"] / "straight", inputs["out"] / "run"
+    rng = random.Random(20261128)  # the kill points: random, but the same on every run of the test
+    schedule = ["step", "save", "sigterm", "sigint", "export", "none"]
+    outcomes = []
+    for point in schedule:
+        complete = train_module.latest_checkpoint(run_dir) if run_dir.exists() else None
+        result = _run_cli(point, rng.randint(1, 2), argv, inputs["tmp"] / "jax_cache")
+        outcomes.append((point, result.returncode))
+        if complete is not None:  # it resumed from the newest complete checkpoint, never a partial one
+            assert f"resumed from {run_dir}/checkpoints/step_{complete}" in result.stdout, result.stdout
+        expected = {"step": -9, "save": -9, "export": -9, "sigterm": 143, "sigint": 130, "none": 0}[point]
+        assert result.returncode in (expected, 0), (point, result.returncode, result.stderr[-2000:])
+        if point == "save" and result.returncode == -9:
+            assert list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # died mid-save
+        if point in ("sigterm", "sigint") and result.returncode != 0:
+            assert "run the same command again to resume" in result.stderr.splitlines()[-1]
+            latest = train_module.latest_checkpoint(run_dir)
+            assert latest is not None and latest > (complete or 0)  # saved on the way out
+        if point == "export" and result.returncode == -9:
+            assert not (run_dir / "adapter").exists() and (run_dir / "adapter.partial").is_dir()
+    assert [o for o in outcomes if o[1] == -9], outcomes
+    assert adapter_bytes(run_dir) == adapter_bytes(straight)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_loss"] == json.loads((straight / "summary.json").read_text())["final_eval_loss"]
+
+
+# --- non-finite steps, full disks ---------------------------------------------------------------------
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_state_unchanged():
+    config = ModelConfig(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    model = random_model(config, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4, dropout=0.0),
+                         compute_dtype=jnp.float32)
+    model.embed_tokens.set_value(model.embed_tokens[...].at[7].set(jnp.nan))  # token 7 poisons a batch
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    tx = optax.adam(0.1)
+    opt_state = tx.init(lora)
+    step = make_train_step(graphdef, tx, donate=False)
+    good = jnp.array([[[1, 2, 3, 4]]])
+    bad = jnp.array([[[1, 7, 3, 4]]])
+
+    def batch(ids):
+        return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+
+    new_lora, new_opt, metrics = step(lora, opt_state, frozen, batch(bad), jax.random.key(0))
+    assert not bool(metrics["applied"]) and not np.isfinite(float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves((new_lora, new_opt)), jax.tree.leaves((lora, opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    new_lora, _, metrics = step(lora, opt_state, frozen, batch(good), jax.random.key(0))
+    assert bool(metrics["applied"]) and np.isfinite(float(metrics["loss"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_lora), jax.tree.leaves(lora),
+                                                         strict=True))
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_no_checkpoint_holds_nan(inputs, smollm2_dir, capsys):
+    write_tiny_chat_model(inputs["model"], smollm2_dir, nan_embeddings=True)
+    assert main(_argv(inputs, "train.steps=10", "train.save_every=2", "train.max_bad_steps=3")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "error: 3 steps in a row (through step 3) had a non-finite loss or gradient" in err
+    assert "train.max_bad_steps=3" in err and "the newest is step 2" in err
+    run_dir = inputs["out"] / "run"
+    assert train_module.latest_checkpoint(run_dir) == 2
+    restored = ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / "step_2" / "state").absolute())
+    floats = [np.asarray(x) for x in jax.tree.leaves(restored) if np.asarray(x).dtype.kind == "f"]
+    assert len(floats) > 10 and all(np.isfinite(x).all() for x in floats)
+
+
+def test_too_little_disk_space_is_reported_before_training(inputs, monkeypatch, capsys):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    assert main(_argv(inputs)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.out_dir: ") and "has 1 MiB free; checkpoints and the adapter need" in err
+    assert not (inputs["out"] / "run").exists()
+
+
+def test_a_failed_checkpoint_write_stops_cleanly_and_keeps_the_previous_one(inputs, monkeypatch, capsys):
+    save = Checkpoints.save
+    calls = []
+
+    def failing_save(self, step, state, meta):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(self, step, state, meta)
+
+    monkeypatch.setattr(Checkpoints, "save", failing_save)
+    assert main(_argv(inputs, "train.steps=6", "train.save_every=2")) == 1
+    err = capsys.readouterr().err
+    assert ("could not write checkpoint step 4" in err and "No space left on device" in err
+            and "the previous checkpoint (step 2) is intact" in err)
+    assert train_module.latest_checkpoint(inputs["out"] / "run") == 2
+    monkeypatch.setattr(Checkpoints, "save", save)
+    assert main(_argv(inputs, "train.steps=6", "train.save_every=2")) == 0  # rerun resumes and finishes
+    assert (inputs["out"] / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_soak_500_steps_memory_and_step_time_stay_flat(inputs, monkeypatch):
+    samples = []  # (step, rss MiB, seconds of the step)
+    make = train_module.make_train_step
+
+    def instrumented(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def run(*a):
+            start = time.perf_counter()
+            out = step(*a)
+            jax.block_until_ready(out)
+            samples.append((len(samples) + 1, _rss_mib(), time.perf_counter() - start))
+            return out
+
+        run._cache_size = step._cache_size
+        return run
+
+    monkeypatch.setattr(train_module, "make_train_step", instrumented)
+    config = train_config(inputs["model"], inputs["data"], inputs["out"] / "soak",
+                          **{"train.steps": 500, "train.save_every": 10, "train.eval_every": 0,
+                             "train.log_every": 50, "train.grad_accum": 1, "train.batch_size": 2})
+    train(config, log=lambda *_: None)
+    assert len(samples) == 500
+    rss = np.array([s[1] for s in samples])
+    seconds = np.array([s[2] for s in samples])
+    growth = rss[450:].mean() - rss[100:150].mean()
+    drift = np.median(seconds[400:]) / np.median(seconds[50:150])
+    print(f"soak: RSS {rss[100]:.0f} -> {rss[-1]:.0f} MiB (growth {growth:.1f} MiB from steps 100-150 to 450-500); "
+          f"median step {np.median(seconds[50:150]) * 1e3:.1f} -> {np.median(seconds[400:]) * 1e3:.1f} ms")
+    assert growth < 40, f"RSS grew {growth:.1f} MiB over 350 steps with 70 checkpoints"
+    assert drift < 1.5, f"step time drifted up {drift:.2f}x"
+    assert Checkpoints(inputs["out"] / "soak", 2).latest_step() == 500
