@@ -285,6 +285,7 @@ class ModelSource:
         _raise_all(problems)
 
 
+CHECKPOINTING = ("none", "layer", "layer_save_dots", "layer_offload")
 DATA_FORMATS = ("chitchat", "alpaca", "oasst", "chat", "prompt_completion", "text")
 
 
@@ -356,6 +357,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
     """Global-norm gradient clipping (QLoRA: 0.3); 0 disables."""
+    offload: Literal["none", "host", "host_with_params"] = "none"
+    """Where AdamW's state lives between steps: device memory, or pinned host memory (moved to the device for
+    each update and back: QLoRA's paged optimizer, JAX style); host_with_params also keeps the fp32 LoRA
+    master parameters on the host."""
 
     def __post_init__(self):
         problems = []
@@ -370,6 +375,8 @@ class OptimConfig:
                 problems.append(f"optimizer.{name}={getattr(self, name)} must be in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or not self.eps > 0:
             problems.append("optimizer.weight_decay and max_grad_norm must be >= 0, eps > 0")
+        if self.offload not in ("none", "host", "host_with_params"):
+            problems.append(f"optimizer.offload={self.offload!r} must be none, host or host_with_params")
         _raise_all(problems)
 
     def build(self, total_steps: int):
@@ -407,8 +414,12 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted)."""
-    gradient_checkpointing: Literal["none", "layer", "layer_save_dots"] = "layer"
-    """Recompute each decoder layer in the backward pass (layer), keeping matmul outputs (layer_save_dots), or not."""
+    gradient_checkpointing: Literal["none", "layer", "layer_save_dots", "layer_offload"] = "layer"
+    """Recompute each decoder layer in the backward pass (layer), keeping matmul outputs (layer_save_dots),
+    keeping them in pinned host memory instead of device memory (layer_offload: long sequences), or not."""
+    loss_chunk: int = 128
+    """Tokens per chunk of the output projection + cross entropy: only [B, loss_chunk, V] f32 logits exist at a
+    time, in the forward and the backward pass (0: the whole sequence at once)."""
     scan_layers: bool = True
     """Run the decoder layers as one lax.scan: compile time independent of depth (costs a transient copy of
     the 4-bit layer weights per step; turn off when that copy does not fit)."""
@@ -432,9 +443,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"train.{name}={getattr(self, name)!r} must be an integer >= 0")
-        if self.gradient_checkpointing not in ("none", "layer", "layer_save_dots"):
+        if self.gradient_checkpointing not in CHECKPOINTING:
             problems.append(f"train.gradient_checkpointing={self.gradient_checkpointing!r} "
-                            "must be none, layer or layer_save_dots")
+                            f"must be one of {', '.join(CHECKPOINTING)}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            problems.append(f"train.loss_chunk={self.loss_chunk!r} must be an integer >= 0")
         if not self.run_name or "/" in self.run_name:
             problems.append(f"train.run_name={self.run_name!r} must be a non-empty name without '/'")
         _raise_all(problems)

@@ -17,8 +17,6 @@ from flax import nnx
 from .config import LoraConfig, ModelConfig, QuantConfig, RopeConfig
 from .lora import Frozen, QLoRALinear
 
-_MASKED = -1e30  # finite, so fully padded query rows stay NaN-free
-
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
     """Rotary inverse frequencies ``f32[K/2]``, with linear or LLaMA-3.1 scaling (transformers' formulas)."""
@@ -122,16 +120,12 @@ class Attention(nnx.Module):
             k, v = past_keys(k), past_values(v)  # write this step into the cache: [B, S, G, K]
         else:
             key_positions = positions
-        q = q.reshape(batch, tokens, c.num_key_value_heads, c.q_per_kv, c.head_dim)  # [B, T, G, H/G, K]
-        scores = jnp.einsum("btgqk,bsgk->bgqts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
-            jnp.float32(c.head_dim))
-        allowed = key_mask[:, None, None, None, :] & (key_positions[:, None, :] <= positions[:, :, None])[:, None, None]
+        allowed = key_mask[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
         if c.sliding_window is not None:
-            near = positions[:, :, None] - key_positions[:, None, :] < c.sliding_window
-            allowed = allowed & near[:, None, None]
-        scores = jnp.where(allowed, scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgqts,bsgk->btgqk", probs, v, preferred_element_type=jnp.float32).astype(x.dtype)
+            allowed = allowed & (positions[:, :, None] - key_positions[:, None, :] < c.sliding_window)
+        # XLA on CPU/TPU; cuDNN flash attention on GPU where it applies (then the [B, H, T, S]
+        # probabilities are not kept for the backward pass). Scores and softmax run in f32.
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None])
         return self.o_proj(out.reshape(batch, tokens, c.num_attention_heads * c.head_dim), rngs), k, v
 
 
@@ -166,13 +160,21 @@ class DecoderLayer(nnx.Module):
         return x, k, v
 
 
+_REMAT_POLICIES = {
+    "none": None, "layer": None,
+    "layer_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the same matmul outputs, kept in pinned host memory instead of device memory until the backward pass
+    "layer_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
 class LlamaForCausalLM(nnx.Module):
     """The whole network: embed -> L x (attention + MLP) -> norm -> lm_head."""
 
     def __init__(self, config: ModelConfig, *, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
                  compute_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.config, self.quant, self.lora, self.compute_dtype = config, quant, lora, compute_dtype
-        self.remat = "none"  # gradient checkpointing per decoder layer: none, layer, layer_save_dots
+        self.remat = "none"  # gradient checkpointing per decoder layer: config.CHECKPOINTING
         self.scan_layers = False  # run the decoder layers with lax.scan (fast compiles) instead of unrolled
         self.embed_tokens = Frozen(jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
         self.layers = nnx.List([DecoderLayer(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
@@ -200,7 +202,7 @@ class LlamaForCausalLM(nnx.Module):
             layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
             return layer(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0]
 
-        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "layer_save_dots" else None
+        policy = _REMAT_POLICIES[self.remat]
         if self.scan_layers:
             # One compiled layer body run L times (lax.scan over the layers' stacked states): compile
             # time no longer grows with depth. The stacking copies the (4-bit) layer weights once per call.

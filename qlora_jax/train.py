@@ -31,9 +31,10 @@ from . import assets, atomic
 from .checkpoint import Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
-from .data import IGNORE, BatchIterator, DataError, eval_batches, load_dataset
+from .data import BatchIterator, DataError, eval_batches, load_dataset
 from .loading import load_model
 from .lora import LoRAParam
+from .loss import token_loss
 from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_png
 from .peft import load_peft_adapter, save_peft_adapter
 from .tokenizer import load_tokenizer
@@ -57,31 +58,36 @@ def resolve_compute_dtype(name: str):
     return jnp.dtype(name)
 
 
-def token_loss_sums(model, batch: dict, dropout_key) -> tuple[jax.Array, jax.Array]:
+def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross entropy over target tokens of one micro-batch ``[B, T]``, and their count."""
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    logits = model(batch["input_ids"], batch["attention_mask"], rngs=rngs)[:, :-1]  # f32[B, T-1, V]
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
-    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], rngs=rngs)[:, :-1]  # [B, T-1, D]
+    return token_loss(hidden, batch["labels"][:, 1:], model.unembedding(), loss_chunk)
 
 
-def make_train_step(graphdef, tx, donate: bool):
+def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: str = "none"):
     """One optimizer step over ``[A, B, T]`` micro-batches; gradients only for the LoRA parameters.
 
     A step whose loss, gradients or updated parameters are not finite is not applied: the
     parameters and optimizer state come back unchanged and ``metrics["applied"]`` is False.
+    ``offload`` (``OptimConfig.offload``): the optimizer state (and with ``host_with_params``
+    the LoRA parameters) arrive in and return to pinned host memory; they visit the device
+    only inside the step. ``donate`` reuses the device buffers of the inputs (never on CPU).
     """
+    offload_params = offload == "host_with_params"
 
     def step(lora, opt_state, frozen, batch, key):
+        if offload != "none":
+            opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
+        if offload_params:
+            lora = jax.device_put(lora, jax.memory.Space.Device)
         def micro(carry, inputs):
             grad_sum, loss_sum, count_sum = carry
             micro_batch, index = inputs
 
             def loss_fn(lora_params):
                 model = nnx.merge(graphdef, lora_params, frozen)
-                return token_loss_sums(model, micro_batch, jax.random.fold_in(key, index))
+                return token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk)
 
             (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
             return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, count_sum + count), None
@@ -98,15 +104,21 @@ def make_train_step(graphdef, tx, donate: bool):
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(applied, new, old))
         metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
                    "applied": applied}
-        return keep(new_lora, lora), keep(new_opt_state, opt_state), metrics
+        new_lora, new_opt_state = keep(new_lora, lora), keep(new_opt_state, opt_state)
+        if offload != "none":
+            new_opt_state = jax.device_put(new_opt_state, jax.memory.Space.Host)
+        if offload_params:
+            new_lora = jax.device_put(new_lora, jax.memory.Space.Host)
+        return new_lora, new_opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    donated = () if not donate else (0, 1) if offload == "none" else (1,) if offload_params else (0,)
+    return jax.jit(step, donate_argnums=donated)
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk: int = 0):
     def evaluate(lora, frozen, batch):
-        model = nnx.merge(graphdef, lora, frozen)
-        return token_loss_sums(model, {k: v[0] for k, v in batch.items()}, None)
+        model = nnx.merge(graphdef, jax.device_put(lora, jax.memory.Space.Device), frozen)
+        return token_loss_sums(model, {k: v[0] for k, v in batch.items()}, None, loss_chunk)
 
     return jax.jit(evaluate)
 
@@ -253,6 +265,11 @@ def train(config: RunConfig, log=print) -> dict:
         log(f"resumed from {run_dir}/checkpoints/step_{resume_step}")
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    offload = config.optimizer.offload
+    if offload != "none":
+        opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
+    if offload == "host_with_params":
+        lora = jax.device_put(lora, jax.memory.Space.Host)
     loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir)
     loop.held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
                                       config.data.bucket, config.train.eval_batches))
@@ -274,7 +291,7 @@ class _Loop:
         self.config, self.frozen, self.schedule = config, frozen, schedule
         self.checkpoints, self.iterator, self.run_dir = checkpoints, iterator, run_dir
         self.graphdef = graphdef
-        self.eval_step = make_eval_step(graphdef)
+        self.eval_step = make_eval_step(graphdef, config.train.loss_chunk)
         self.writer = MetricsWriter(run_dir)
         self.held_out: list = []
         self.initial_eval_loss = None
@@ -295,7 +312,8 @@ class _Loop:
 
     def run(self, tx, lora, opt_state, start: int, log):
         settings = self.config.train
-        train_step = make_train_step(self.graphdef, tx, donate=jax.default_backend() != "cpu")
+        train_step = make_train_step(self.graphdef, tx, donate=jax.default_backend() != "cpu",
+                                     loss_chunk=settings.loss_chunk, offload=self.config.optimizer.offload)
         if start == 0:
             self.initial_eval_loss = self.evaluate(lora)
             self.writer.write(0, {"eval_loss": self.initial_eval_loss,

@@ -1,0 +1,158 @@
+"""The memory model, chunked cross entropy, host-offloaded optimizer state and activation offload."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.inspect import memory_report
+from qlora_jax.loading import load_model, random_model
+from qlora_jax.lora import Frozen, LoRAParam, QuantState
+from qlora_jax.loss import token_loss
+from qlora_jax.memory import PRESETS, StepShape, main, training_memory
+from qlora_jax.train import make_train_step
+
+TINY = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _held_bytes(model) -> dict[str, int]:
+    def total(variable_type, keep=lambda path: True):
+        flat = nnx.to_flat_state(nnx.state(model, variable_type))
+        return sum(v.get_value().size * v.get_value().dtype.itemsize for path, v in flat if keep(path))
+
+    return {"codes_bytes": total(QuantState, lambda path: path[-1] == "packed"),
+            "constants_bytes": total(QuantState, lambda path: path[-1] != "packed"),
+            "frozen_bytes": total(Frozen), "lora_bytes": total(LoRAParam)}
+
+
+@pytest.mark.parametrize("quant", [QuantConfig("nf4", 64, True), QuantConfig("fp4", 128, False), QuantConfig("none")])
+def test_predicted_weight_bytes_equal_the_instantiated_tiny_model(quant):
+    lora = LoraConfig(rank=8)
+    predicted = memory_report(TINY, quant, lora)
+    held = _held_bytes(random_model(TINY, quant=quant, lora=lora))
+    assert {k: predicted[k] for k in held} == held
+
+
+def test_predicted_weight_bytes_equal_the_loaded_smollm2(smollm2_dir):
+    lora = LoraConfig(rank=16)
+    model = load_model(smollm2_dir, quant="nf4", lora=lora, compute_dtype=jnp.float32)
+    predicted = memory_report(model.config, QuantConfig("nf4", 64, True), lora)
+    held = _held_bytes(model)
+    assert {k: predicted[k] for k in held} == held
+    assert held["codes_bytes"] == sum(o * i for o, i in model.config.linear_shapes().values()) * 30 // 2
+
+
+def test_chunked_loss_equals_the_whole_sequence_loss():
+    key_h, key_w, key_l = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(key_h, (2, 77, 32))
+    unembedding = jax.random.normal(key_w, (50, 32)) * 0.1
+    labels = jax.random.randint(key_l, (2, 77), 0, 50).at[:, :10].set(-100)
+
+    def loss(h, chunk):
+        total, count = token_loss(h, labels, unembedding, chunk)
+        return total / count
+
+    whole, whole_grad = jax.value_and_grad(loss)(hidden, 0)
+    chunked, chunked_grad = jax.value_and_grad(loss)(hidden, 16)  # 77 = 4 chunks of 16 + a padded one
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(chunked_grad), np.asarray(whole_grad), rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_loss_does_not_materialize_the_whole_logits():
+    """Compiled memory of loss + gradient for B=2, T=512, V=32000: the f32 logits alone are 131 MB."""
+    batch, tokens, dim, vocab = 2, 512, 64, 32000
+    hidden = jax.ShapeDtypeStruct((batch, tokens, dim), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+    unembedding = jax.ShapeDtypeStruct((vocab, dim), jnp.float32)
+
+    def temp_bytes(chunk):
+        grad = jax.grad(lambda h, y, w: token_loss(h, y, w, chunk)[0])
+        return jax.jit(grad).lower(hidden, labels, unembedding).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = batch * tokens * vocab * 4
+    chunk_logits_bytes = batch * 128 * vocab * 4
+    whole, chunked = temp_bytes(0), temp_bytes(128)
+    print(f"temp bytes: whole sequence {whole / 2**20:.1f} MiB, chunks of 128 {chunked / 2**20:.1f} MiB")
+    assert whole >= logits_bytes  # the whole logits (and their gradient) exist at once
+    assert chunked <= 2.5 * chunk_logits_bytes  # one chunk's logits and gradient
+    assert whole > 3 * chunked
+
+
+def _train_pair(offload: str, steps: int = 2):
+    model = random_model(TINY, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4, dropout=0.1),
+                         compute_dtype=jnp.float32, seed=3)
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    tx = optax.adamw(0.05)
+    opt_state = tx.init(lora)
+    if offload != "none":
+        opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
+    if offload == "host_with_params":
+        lora = jax.device_put(lora, jax.memory.Space.Host)
+    step = make_train_step(graphdef, tx, donate=False, loss_chunk=8, offload=offload)
+    ids = jax.random.randint(jax.random.key(4), (2, 3, 24), 0, TINY.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    for i in range(steps):
+        lora, opt_state, metrics = step(lora, opt_state, frozen, batch, jax.random.key(i))
+        assert bool(metrics["applied"])
+    return lora, opt_state
+
+
+@pytest.mark.parametrize("offload", ["host", "host_with_params"])
+def test_offloaded_optimizer_trains_bit_identically_and_stays_on_the_host(offload):
+    lora_ref, opt_ref = _train_pair("none")
+    lora, opt_state = _train_pair(offload)
+    for a, b in zip(jax.tree.leaves((lora, opt_state)), jax.tree.leaves((lora_ref, opt_ref)), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(opt_state)} == {"pinned_host"}
+    expected = "pinned_host" if offload == "host_with_params" else "device"
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(lora)} == {expected}
+
+
+def test_activation_offload_gives_the_gradients_of_plain_checkpointing():
+    model = random_model(TINY, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4, dropout=0.0),
+                         compute_dtype=jnp.float32, seed=5)
+    for layer in model.layers:  # nonzero B, so A gets a gradient too
+        layer.mlp.up_proj.lora_b.set_value(jnp.full(layer.mlp.up_proj.lora_b[...].shape, 0.1))
+    ids = jax.random.randint(jax.random.key(6), (2, 16), 0, TINY.vocab_size)
+
+    def grads(remat):
+        model.remat = remat
+        graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+
+        def loss(lora):
+            m = nnx.merge(graphdef, lora, frozen)
+            return token_loss(m.hidden_states(ids)[:, :-1], ids[:, 1:], m.unembedding(), 0)[0]
+
+        return jax.jit(jax.grad(loss))(lora)
+
+    reference, offloaded = grads("layer"), grads("layer_offload")
+    for a, b in zip(jax.tree.leaves(offloaded), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)  # other fusions
+
+
+def test_memory_model_presets_and_the_65b_claim():
+    shape = StepShape(batch=1, seq_len=512)
+    lora = LoraConfig(rank=64)
+    quant = QuantConfig("nf4", 64, True)
+    plain = training_memory(PRESETS["llama-65b"], quant, lora, shape)
+    offloaded = training_memory(PRESETS["llama-65b"], quant, lora, StepShape(1, 512, offload="host"))
+    assert plain["total"] < 48 * 2**30  # QLoRA's headline: 65B fine-tunes on one 48 GB GPU
+    assert offloaded["total"] < plain["total"] - 5 * 2**30  # AdamW's 6 GiB moved to the host
+    assert offloaded["host_optimizer_and_params"] == plain["optimizer_state"] == 2 * plain["lora_params"]
+    # 4.127 bits per linear parameter, exactly
+    linear = 80 * sum(o * i for o, i in PRESETS["llama-65b"].linear_shapes().values())
+    assert 8 * (plain["quantized_weights"] + plain["quant_constants"]) / linear == pytest.approx(4.127, abs=1e-3)
+
+
+def test_memory_cli(capsys):
+    assert main(["--model", "llama-7b", "--seq-len", "512", "--offload", "host"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer offload host" in out and "total" in out and "(estimate)" in out
+    assert main(["--model", "llama-8b", "--seq-len", "512"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --model 'llama-8b' is neither a model directory nor a preset "
+                   f"({', '.join(PRESETS)})\n")
