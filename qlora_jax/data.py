@@ -102,7 +102,7 @@ def _read_hf_disk(directory: Path) -> list[tuple[str, object]]:
     return rows
 
 
-def _read_source(config: DataConfig) -> list[tuple[str, object]]:
+def read_records(config: DataConfig) -> list[tuple[str, object]]:
     """(where, record) pairs from the configured file, datasets directory, or TFDS preparation."""
     path = Path(config.path)
     if config.source == "hf_disk":
@@ -118,7 +118,7 @@ def _read_source(config: DataConfig) -> list[tuple[str, object]]:
     return records
 
 
-def _string_field(record: dict, name: str, where: str, required: bool = True) -> str:
+def string_field(record: dict, name: str, where: str, required: bool = True) -> str:
     value = record.get(name)
     if value is None and not required:
         return ""
@@ -136,7 +136,7 @@ def _messages(record: dict, where: str) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{where}: messages[{i}] needs role system, user or assistant")
-        _string_field(message, "content", f"{where}: messages[{i}]")
+        string_field(message, "content", f"{where}: messages[{i}]")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from")
     return messages
@@ -235,19 +235,19 @@ class Encoder:
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         fmt = self.config.format
         if fmt == "alpaca":
-            instruction = _string_field(record, "instruction", where)
-            extra = _string_field(record, "input", where, required=False)
+            instruction = string_field(record, "instruction", where)
+            extra = string_field(record, "input", where, required=False)
             prompt = (ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=instruction,
                                                                                          input=extra)
-            return self.source_target(prompt, _string_field(record, "output", where))
+            return self.source_target(prompt, string_field(record, "output", where))
         if fmt == "oasst":
-            return self.source_target("", _string_field(record, "text", where))
+            return self.source_target("", string_field(record, "text", where))
         if fmt == "prompt_completion":
-            return self.source_target(_string_field(record, "prompt", where),
-                                      _string_field(record, "completion", where))
+            return self.source_target(string_field(record, "prompt", where),
+                                      string_field(record, "completion", where))
         if fmt == "chat":
             return self.chat(_messages(record, where))
-        return self.text(_string_field(record, "text", where))
+        return self.text(string_field(record, "text", where))
 
 
 def load_dataset(config: DataConfig, tokenizer: Tokenizer, seed: int) -> Dataset:
@@ -261,7 +261,7 @@ def load_dataset(config: DataConfig, tokenizer: Tokenizer, seed: int) -> Dataset
         encode = encoder.chat
         items = [(f"{source} conversation {i}", r["messages"]) for i, r in records]
     else:
-        items = _read_source(config)
+        items = read_records(config)
         encode = None
     if config.max_examples is not None:
         items = items[: config.max_examples]

@@ -4,6 +4,7 @@ Shapes are computed abstractly (``nnx.eval_shape``), so no weights are read or a
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def _size(leaf) -> tuple[int, int]:
 
 def memory_report(config: ModelConfig, quant: QuantConfig, lora: LoraConfig | None) -> dict[str, int]:
     """Element counts and bytes of each part of the model as held (abstract: nothing is allocated)."""
+    return dict(_memory_report(config, quant, lora))
+
+
+@functools.cache  # tracing a 65B model's modules takes ~20 s; the configs are frozen, hence hashable
+def _memory_report(config: ModelConfig, quant: QuantConfig, lora: LoraConfig | None) -> dict[str, int]:
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant, lora=lora, rngs=nnx.Rngs(0)))
     report = {"linear_params": config.num_hidden_layers * sum(o * i for o, i in config.linear_shapes().values()),
               "codes_bytes": 0, "constants_bytes": 0, "frozen_params": 0, "frozen_bytes": 0,

@@ -20,7 +20,9 @@ from .config import LoraConfig, ModelConfig, QuantConfig
 from .jsonio import read_json_object
 from .lora import LoRAParam, QLoRALinear, kaiming_uniform_a_sqrt5
 from .model import LlamaForCausalLM
+from .peft import load_peft_adapter, read_adapter_config
 from .quant import QuantizedTensor
+from .tokenizer import load_tokenizer
 
 LINEAR_NAMES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -184,3 +186,15 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
 def lora_state(model: nnx.Module) -> nnx.State:
     """The adapters only (what training updates and adapter checkpoints store)."""
     return nnx.state(model, LoRAParam)
+
+
+def load_for_inference(model_dir: Path, adapter_dir: Path | None = None, quant: str = "nf4", blocksize: int = 64,
+                       double_quant: bool = True):
+    """The model (``quant`` base + optional PEFT adapter; f32 compute on CPU, bf16 elsewhere) and its tokenizer."""
+    lora = read_adapter_config(adapter_dir) if adapter_dir else None
+    compute_dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    model = load_model(model_dir, quant=quant, blocksize=blocksize, double_quant=double_quant, lora=lora,
+                       compute_dtype=compute_dtype)
+    if adapter_dir:
+        load_peft_adapter(model, adapter_dir)
+    return model, load_tokenizer(model_dir)

@@ -7,6 +7,7 @@ fp32 master copies) is the only thing optimizers and adapter checkpoints select;
 norms, lm_head, and the base weights when ``quant_type="none"``).
 """
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,14 @@ def kaiming_uniform_a_sqrt5(key: jax.Array, shape: tuple[int, int], dtype=jnp.fl
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@functools.cache
+def _quantized_shapes(out_features: int, in_features: int, quant_type: str, blocksize: int,
+                      double_quant: bool) -> QuantizedTensor:
+    """Abstract arrays of a quantized ``[out, in]`` weight (cached: a 65B model has 560 linear layers)."""
+    return jax.eval_shape(lambda w: quantize(w, quant_type, blocksize, double_quant),
+                          jax.ShapeDtypeStruct((out_features, in_features), jnp.bfloat16))
+
+
 class QLoRALinear(nnx.Module):
     """``y = x @ W.T (+ b) + scaling * dropout(x) @ A.T @ B.T`` with W frozen.
 
@@ -52,8 +61,8 @@ class QLoRALinear(nnx.Module):
         self.compute_dtype = compute_dtype
         self.quant = quant
         if quant.quantized:  # placeholders of the right shapes; the loader fills them
-            shapes = jax.eval_shape(lambda w: quantize(w, quant.quant_type, quant.blocksize, quant.double_quant),
-                                    jax.ShapeDtypeStruct((out_features, in_features), jnp.bfloat16))
+            shapes = _quantized_shapes(out_features, in_features, quant.quant_type, quant.blocksize,
+                                       quant.double_quant)
             self.packed = QuantState(jnp.zeros(shapes.packed.shape, shapes.packed.dtype))
             self.absmax = QuantState(jnp.zeros(shapes.absmax.shape, shapes.absmax.dtype))
             self.nested_absmax = QuantState(jnp.zeros(shapes.nested_absmax.shape)) if quant.double_quant else None

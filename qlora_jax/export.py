@@ -1,0 +1,123 @@
+"""``python -m qlora_jax.export --model DIR --adapter DIR --merge --out DIR``: a merged bf16 model.
+
+Merging: each adapted linear layer's frozen base weight is decoded to f32 (from its
+4-bit codes when the model is loaded quantized, exactly as the fine-tune saw it), the
+LoRA delta ``scaling * lora_b @ lora_a`` is added in f32, and the sum is rounded once to
+bf16. The output is a Hugging Face directory (``config.json`` without a
+``quantization_config``, ``model.safetensors`` with transformers' names, the tokenizer
+files) that transformers and qlora_jax load as an ordinary bf16 checkpoint. It appears
+whole: it is written to ``<out>.partial`` and renamed.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from .atomic import replace_directory
+from .loading import LINEAR_NAMES, load_model, read_config
+from .lora import QLoRALinear
+from .model import LlamaForCausalLM
+from .peft import load_peft_adapter, read_adapter_config
+from .safetensors_io import save_streaming
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def merged_weight(module: QLoRALinear) -> np.ndarray:
+    """``bf16[out, in]``: the base weight decoded to f32 plus the LoRA delta, rounded once to bf16."""
+    weight = module.base_weight(jnp.float32)
+    if module.lora is not None:
+        delta = module.lora_b[...].astype(jnp.float32) @ module.lora_a[...].astype(jnp.float32)  # [out, in]
+        weight = weight + module.lora.scaling * delta
+    return np.asarray(weight).astype(ml_dtypes.bfloat16)
+
+
+def _tensors(model: LlamaForCausalLM) -> dict:
+    """transformers name -> a function producing that bf16 tensor (so one merged weight is in memory at once)."""
+    producers = {"model.embed_tokens.weight": lambda: model.embed_tokens[...],
+                 "model.norm.weight": lambda: model.norm.weight[...]}
+    if model.lm_head is not None:
+        producers["lm_head.weight"] = lambda: model.lm_head[...]
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        producers[prefix + "input_layernorm.weight"] = lambda layer=layer: layer.input_layernorm.weight[...]
+        producers[prefix + "post_attention_layernorm.weight"] = (
+            lambda layer=layer: layer.post_attention_layernorm.weight[...])
+        for name, block in LINEAR_NAMES.items():
+            module = getattr(getattr(layer, block), name)
+            producers[f"{prefix}{block}.{name}.weight"] = lambda module=module: merged_weight(module)
+            if module.bias is not None:
+                producers[f"{prefix}{block}.{name}.bias"] = lambda module=module: module.bias[...]
+    return producers
+
+
+def export_merged(model_dir: Path, adapter_dir: Path | None, out_dir: Path, quant: str = "nf4", blocksize: int = 64,
+                  double_quant: bool = True) -> Path:
+    """Load ``model_dir`` as the fine-tune did (``quant``), add the adapter, write the merged bf16 model."""
+    _, raw = read_config(model_dir)
+    lora = read_adapter_config(adapter_dir) if adapter_dir else None
+    model = load_model(model_dir, quant=quant, blocksize=blocksize, double_quant=double_quant, lora=lora,
+                       compute_dtype=jnp.float32)
+    if adapter_dir:
+        load_peft_adapter(model, adapter_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    producers = _tensors(model)
+    specs = [(name, _shape_of(model, name), ml_dtypes.bfloat16) for name in sorted(producers)]
+    save_streaming(specs, lambda name: np.asarray(producers[name]()).astype(ml_dtypes.bfloat16),
+                   partial / "model.safetensors", metadata={"format": "pt"})
+    config = {k: v for k, v in raw.items() if k != "quantization_config"}
+    config["torch_dtype"] = "bfloat16"
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, partial / name)
+    replace_directory(partial, out_dir)
+    return out_dir
+
+
+def _shape_of(model: LlamaForCausalLM, name: str) -> tuple[int, ...]:
+    parts = name.split(".")
+    if parts[-2].endswith("_proj"):
+        layer = model.layers[int(parts[2])]
+        module = getattr(getattr(layer, parts[3]), parts[4])
+        return (module.out_features,) if parts[-1] == "bias" else (module.out_features, module.in_features)
+    if name == "lm_head.weight":
+        return tuple(model.lm_head[...].shape)
+    if name == "model.embed_tokens.weight":
+        return tuple(model.embed_tokens[...].shape)
+    return (model.config.hidden_size,)  # the norms
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="the base model directory the adapter was trained on")
+    parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    parser.add_argument("--merge", action="store_true", help="write base + adapter as one bf16 model")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
+                        help="how the base was held while training (the merge adds the delta to that base)")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--no-double-quant", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if not args.merge:
+            raise ValueError("only --merge is supported: it writes base + adapter as one bf16 model")
+        out = export_merged(args.model, args.adapter, args.out, args.quant, args.blocksize, not args.no_double_quant)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

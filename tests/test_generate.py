@@ -1,0 +1,60 @@
+"""Generation: sampling rules, streaming equals batched decoding, stop strings, and the CLI."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from qlora_jax.generate import Sampling, generate, main, pick_token, stream
+from qlora_jax.loading import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chat_model):
+    return load_for_inference(tiny_chat_model)
+
+
+def test_sampling_rules():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    greedy = pick_token(logits, keys[0], Sampling())
+    assert int(greedy[0]) == 0
+    def draws(sampling):
+        return {int(pick_token(logits, k, sampling)[0]) for k in keys}
+
+    assert draws(Sampling(temperature=1.0, top_k=1)) == {0}
+    assert draws(Sampling(temperature=1.0, top_k=2)) == {0, 1}
+    assert draws(Sampling(temperature=1.0, top_p=0.6)) == {0, 1}  # 0.5 < 0.6: the second token is needed
+    assert draws(Sampling(temperature=1.0, top_p=0.5)) == {0}
+    assert draws(Sampling(temperature=1.0)) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        Sampling(top_p=0.0)
+
+
+def test_stream_equals_batched_greedy_and_stops(tiny):
+    model, tokenizer = tiny
+    prompts = ["Hello there, how", "The capital of France is a city that"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12)
+    streamed = "".join(stream(model, tokenizer, prompts[1], 12, Sampling()))
+    assert streamed == batched[1]
+    assert batched[0] == generate(model, tokenizer, prompts[:1], max_new_tokens=12)[0]  # padding changes nothing
+    stop = batched[1][3:6]
+    cut = generate(model, tokenizer, prompts[1:], max_new_tokens=12, stop=(stop,))[0]
+    assert cut == batched[1][: batched[1].index(stop)]
+    sampled = generate(model, tokenizer, prompts, 12, sampling=Sampling(temperature=1.0, seed=3))
+    assert sampled == generate(model, tokenizer, prompts, 12, sampling=Sampling(temperature=1.0, seed=3))
+
+
+def test_generate_cli(tiny_chat_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "What is 2 plus 2?"}]}) + "\n")
+    assert main(["--model", str(tiny_chat_model), "--prompts", str(prompts), "--max-new-tokens", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [sorted(line) for line in lines] == [["completion", "prompt"], ["completion", "messages"]]
+    assert main(["--model", str(tiny_chat_model), "--prompt", "Hi", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == lines[0]["completion"].strip()
+    prompts.write_text("{oops\n")
+    assert main(["--model", str(tiny_chat_model), "--prompts", str(prompts)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {prompts}:1: invalid JSON line")
