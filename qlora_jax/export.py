@@ -1,4 +1,10 @@
-"""``python -m qlora_jax.export --model DIR --adapter DIR --merge --out DIR``: a merged bf16 model.
+"""``python -m qlora_jax.export --model DIR [--adapter DIR --merge] --out DIR [--format bf16|bnb-nf4]``.
+
+``--format bf16 --merge`` (default format): base + adapter as one bf16 model.
+``--format bnb-nf4``: the base quantized to NF4 (+ double quant) as a transformers +
+bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json, bnb's tensor
+names, dtypes and bytes), which transformers loads without quantizing again; load a
+PEFT adapter on top of it as usual.
 
 Merging: each adapted linear layer's frozen base weight is decoded to f32 (from its
 4-bit codes when the model is loaded quantized, exactly as the fine-tune saw it), the
@@ -10,6 +16,7 @@ whole: it is written to ``<out>.partial`` and renamed.
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -67,21 +74,62 @@ def export_merged(model_dir: Path, adapter_dir: Path | None, out_dir: Path, quan
                        compute_dtype=jnp.float32)
     if adapter_dir:
         load_peft_adapter(model, adapter_dir)
+    producers = _tensors(model)
+    specs = [(name, _shape_of(model, name), ml_dtypes.bfloat16) for name in sorted(producers)]
+    config = {k: v for k, v in raw.items() if k != "quantization_config"}
+    config["torch_dtype"] = "bfloat16"
+    return _write_directory(model_dir, out_dir, config, specs,
+                            lambda name: np.asarray(producers[name]()).astype(ml_dtypes.bfloat16))
+
+
+def _write_directory(model_dir: Path, out_dir: Path, config: dict, specs, produce) -> Path:
+    """config.json + model.safetensors (streamed, one tensor at a time) + tokenizer files, appearing whole."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    producers = _tensors(model)
-    specs = [(name, _shape_of(model, name), ml_dtypes.bfloat16) for name in sorted(producers)]
-    save_streaming(specs, lambda name: np.asarray(producers[name]()).astype(ml_dtypes.bfloat16),
-                   partial / "model.safetensors", metadata={"format": "pt"})
-    config = {k: v for k, v in raw.items() if k != "quantization_config"}
-    config["torch_dtype"] = "bfloat16"
+    save_streaming(specs, produce, partial / "model.safetensors", metadata={"format": "pt"})
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, partial / name)
     replace_directory(partial, out_dir)
     return out_dir
+
+
+def bnb_quantization_config(quant_type: str, double_quant: bool, dtype: str) -> dict:
+    """``quantization_config`` as transformers 5 writes it for ``BitsAndBytesConfig(load_in_4bit=True, ...)``."""
+    return {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": dtype,
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_use_double_quant": double_quant, "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
+            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
+
+
+def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_quant: bool = True,
+               dtype: str = "bfloat16") -> Path:
+    """Quantize ``model_dir``'s linear layers as bitsandbytes does and write transformers' 4-bit checkpoint.
+
+    ``dtype``: of the unquantized tensors, of the compute, and the dtype bnb records for the
+    quantized weights (transformers records the dtype the model was loaded in).
+    """
+    _, raw = read_config(model_dir)
+    model = load_model(model_dir, quant=quant_type, double_quant=double_quant, compute_dtype=jnp.float32)
+    numpy_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    arrays: dict[str, tuple] = {}  # name -> (shape, dtype, producer)
+    for name, produce in _tensors(model).items():
+        if name.endswith("_proj.weight"):
+            parts = name.split(".")
+            module = getattr(getattr(model.layers[int(parts[2])], parts[3]), parts[4])
+            q = dataclasses.replace(module.quantized_weight(), dtype=dtype)
+            for key, value in q.to_bnb_state_dict(name[: -len("weight")]).items():
+                arrays[key] = (value.shape, value.dtype, lambda value=value: value)
+        else:
+            arrays[name] = (_shape_of(model, name), numpy_dtype, produce)
+    config = {**raw, "dtype": dtype, "quantization_config": bnb_quantization_config(quant_type, double_quant, dtype)}
+    config.pop("torch_dtype", None)
+    specs = [(name, shape, array_dtype) for name, (shape, array_dtype, _) in sorted(arrays.items())]
+    return _write_directory(model_dir, out_dir, config, specs,
+                            lambda name: np.asarray(arrays[name][2]()).astype(arrays[name][1]))
 
 
 def _shape_of(model: LlamaForCausalLM, name: str) -> tuple[int, ...]:
@@ -102,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="the base model directory the adapter was trained on")
     parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
     parser.add_argument("--merge", action="store_true", help="write base + adapter as one bf16 model")
+    parser.add_argument("--format", default="bf16", choices=["bf16", "bnb-nf4"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="bnb-nf4: dtype of the unquantized tensors and of the compute")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
                         help="how the base was held while training (the merge adds the delta to that base)")
@@ -109,9 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-double-quant", action="store_true")
     args = parser.parse_args(argv)
     try:
-        if not args.merge:
-            raise ValueError("only --merge is supported: it writes base + adapter as one bf16 model")
-        out = export_merged(args.model, args.adapter, args.out, args.quant, args.blocksize, not args.no_double_quant)
+        if args.format == "bnb-nf4":
+            if args.adapter or args.merge:
+                raise ValueError("--format bnb-nf4 writes the 4-bit base alone; load the adapter on top with PEFT")
+            out = export_bnb(args.model, args.out, "nf4", not args.no_double_quant, args.dtype)
+        elif not args.merge:
+            raise ValueError("--format bf16 needs --merge: it writes base + adapter as one bf16 model")
+        else:
+            out = export_merged(args.model, args.adapter, args.out, args.quant, args.blocksize,
+                                not args.no_double_quant)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

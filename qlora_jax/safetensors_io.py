@@ -22,6 +22,9 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The order of the reference (Rust) writer's Dtype enum: it lays tensors out by dtype, highest first, then by name.
+_WRITE_RANK = {name: rank for rank, name in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32",
+                                                       "F64", "I64"))}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the reference implementation enforces
 
 
@@ -138,14 +141,18 @@ def save_streaming(specs: list[tuple[str, tuple[int, ...], np.dtype]], produce: 
     """Write tensors one at a time: ``specs`` lists (name, shape, dtype); ``produce(name)`` returns each array.
 
     Only one tensor is in memory at once. The file appears atomically (temporary file, fsync, rename).
+    The layout is the reference writer's (tensors by dtype, then name; header padded to 8 bytes), so
+    the same tensors give the same bytes as ``safetensors.torch.save_file``.
     """
     path = Path(path)
+    for name, _, dtype in specs:
+        if np.dtype(dtype) not in _NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {np.dtype(dtype)} cannot be stored in safetensors")
+    specs = sorted(specs, key=lambda spec: (-_WRITE_RANK[_NAMES[np.dtype(spec[2])]], spec[0]))
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, shape, dtype in specs:
         dtype = np.dtype(dtype)
-        if dtype not in _NAMES:
-            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

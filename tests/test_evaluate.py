@@ -1,5 +1,4 @@
-"""Evaluation (sliding-window perplexity, target-only perplexity, MMLU-style multiple choice) and the
-merged export."""
+"""Evaluation: sliding-window perplexity, target-only perplexity, MMLU-style multiple choice."""
 
 import csv
 import json
@@ -7,17 +6,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
 
-from qlora_jax.config import DataConfig
 from qlora_jax.data import IGNORE
 from qlora_jax.evaluate import CHOICES, main, mmlu_prompt, score_tokens, text_scores
-from qlora_jax.export import export_merged
-from qlora_jax.export import main as export_main
 from qlora_jax.loading import load_model
-from qlora_jax.peft import load_peft_adapter, read_adapter_config
-
-MODELS = FIXTURES / "models"
 
 
 @pytest.fixture(scope="module")
@@ -100,30 +92,3 @@ def test_mmlu_errors(tiny_chat_model, tmp_path, capsys):
     _write_mmlu(tmp_path, "x", {"dev": [["q", "a", "b", "c", "d", "E"]], "test": [["q", "a", "b", "c", "d", "A"]]})
     assert main(["--model", str(tiny_chat_model), "--mmlu", str(tmp_path), "--k", "1"]) == 2
     assert "x_dev.csv:1: expected question, A, B, C, D, answer (A-D)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_merged_export_gives_the_adapted_model_logits(quant, tmp_path):
-    adapter = MODELS / "llama3_rope_peft_adapter"
-    ours = load_model(MODELS / "llama3_rope", quant=quant, lora=read_adapter_config(adapter),
-                      compute_dtype=jnp.float32)
-    load_peft_adapter(ours, adapter)
-    out = export_merged(MODELS / "llama3_rope", adapter, tmp_path / "merged", quant=quant)
-    assert not (tmp_path / "merged.partial").exists()
-    config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
-    merged = load_model(out, quant="none", compute_dtype=jnp.float32)
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)), jnp.int32)
-    expected, actual = np.asarray(ours(ids)), np.asarray(merged(ids))
-    error = np.abs(actual - expected).max() / np.abs(expected).max()
-    assert error < 1e-2  # one bf16 rounding of each merged weight
-    assert np.abs(np.asarray(merged(ids)) - np.asarray(load_model(MODELS / "llama3_rope", quant="none",
-                                                                    compute_dtype=jnp.float32)(ids))).max() > 1e-3
-
-
-def test_export_cli_errors(tmp_path, capsys):
-    assert export_main(["--model", str(MODELS / "llama3_rope"), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.startswith("error: only --merge is supported")
-    assert export_main(["--model", str(tmp_path / "missing"), "--merge", "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert DataConfig  # the evaluate CLI builds its DataConfig the same way as training

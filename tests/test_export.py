@@ -1,0 +1,54 @@
+"""Export: the merged bf16 model and the transformers + bitsandbytes 4-bit checkpoint."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from qlora_jax.export import export_bnb, export_merged
+from qlora_jax.export import main as export_main
+from qlora_jax.loading import load_model
+from qlora_jax.peft import load_peft_adapter, read_adapter_config
+
+MODELS = FIXTURES / "models"
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_merged_export_gives_the_adapted_model_logits(quant, tmp_path):
+    adapter = MODELS / "llama3_rope_peft_adapter"
+    ours = load_model(MODELS / "llama3_rope", quant=quant, lora=read_adapter_config(adapter),
+                      compute_dtype=jnp.float32)
+    load_peft_adapter(ours, adapter)
+    out = export_merged(MODELS / "llama3_rope", adapter, tmp_path / "merged", quant=quant)
+    assert not (tmp_path / "merged.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    merged = load_model(out, quant="none", compute_dtype=jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)), jnp.int32)
+    expected, actual = np.asarray(ours(ids)), np.asarray(merged(ids))
+    error = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert error < 1e-2  # one bf16 rounding of each merged weight
+    assert np.abs(np.asarray(merged(ids)) - np.asarray(load_model(MODELS / "llama3_rope", quant="none",
+                                                                    compute_dtype=jnp.float32)(ids))).max() > 1e-3
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert export_main(["--model", str(MODELS / "llama3_rope"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: --format bf16 needs --merge")
+    assert export_main(["--model", str(tmp_path / "missing"), "--merge", "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert export_main(["--model", str(MODELS / "llama3_rope"), "--format", "bnb-nf4", "--merge",
+                        "--out", str(tmp_path / "o")]) == 2
+    assert "--format bnb-nf4 writes the 4-bit base alone" in capsys.readouterr().err
+
+
+def test_bnb_nf4_export_is_byte_identical_to_transformers_and_bitsandbytes(tmp_path):
+    """tests/fixtures/models/llama3_rope_bnb_nf4 was written by transformers 5 + bitsandbytes 0.50.2
+    (``save_pretrained`` of the llama3_rope model loaded in float32 with NF4 + double quant)."""
+    out = export_bnb(MODELS / "llama3_rope", tmp_path / "bnb", "nf4", True, "float32")
+    reference = MODELS / "llama3_rope_bnb_nf4"
+    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    assert load_model(out, quant="nf4").layers[0].self_attn.q_proj.quantized_weight().nbytes() > 0
