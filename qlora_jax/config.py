@@ -433,6 +433,12 @@ class TrainConfig:
     """Write metrics every N steps."""
     max_bad_steps: int = 5
     """Stop after this many steps in a row with a non-finite loss or gradient (each one is skipped)."""
+    mmlu_dir: str | None = None
+    """A directory in MMLU's CSV layout (dev/, test/) to evaluate during training (``qlora_jax.evaluate``)."""
+    mmlu_every: int = 0
+    """Run the MMLU evaluation every N steps (0: never)."""
+    mmlu_k: int = 5
+    """Shots of the MMLU prompts."""
 
     def __post_init__(self):
         problems = []
@@ -446,6 +452,11 @@ class TrainConfig:
         if self.gradient_checkpointing not in CHECKPOINTING:
             problems.append(f"train.gradient_checkpointing={self.gradient_checkpointing!r} "
                             f"must be one of {', '.join(CHECKPOINTING)}")
+        if not isinstance(self.mmlu_every, int) or self.mmlu_every < 0 or not isinstance(self.mmlu_k, int) \
+                or self.mmlu_k < 0:
+            problems.append(f"train.mmlu_every={self.mmlu_every!r} and train.mmlu_k={self.mmlu_k!r} must be >= 0")
+        if self.mmlu_every and not self.mmlu_dir:
+            problems.append(f"train.mmlu_every={self.mmlu_every} needs train.mmlu_dir")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             problems.append(f"train.loss_chunk={self.loss_chunk!r} must be an integer >= 0")
         if not self.run_name or "/" in self.run_name:

@@ -65,7 +65,7 @@ def pick_token(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Arr
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "sampling"))
-def _generate_ids(model: LlamaForCausalLM, ids: jax.Array, mask: jax.Array, *, max_new_tokens: int,
+def generate_ids(model: LlamaForCausalLM, ids: jax.Array, mask: jax.Array, *, max_new_tokens: int,
                   sampling: Sampling) -> jax.Array:
     """Left-padded ``ids: i32[B, T]`` -> ``i32[B, max_new_tokens]`` continuation."""
     batch, prompt_len = ids.shape
@@ -109,7 +109,7 @@ def generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: list[str], 
     """Continue each prompt (already formatted, e.g. by ``apply_chat_template``), as one batch."""
     sampling = sampling or Sampling(temperature=temperature, seed=seed)
     ids, mask = _left_padded(tokenizer, prompts)
-    out = _generate_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling)
+    out = generate_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling)
     return [_finish(tokenizer, list(row), stop) for row in np.asarray(out)]
 
 

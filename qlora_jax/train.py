@@ -32,6 +32,7 @@ from .checkpoint import Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import BatchIterator, DataError, eval_batches, load_dataset
+from .evaluate import mmlu
 from .loading import load_model
 from .lora import LoRAParam
 from .loss import token_loss
@@ -227,6 +228,8 @@ def _load(config: RunConfig, log):
                        kernel=q.kernel)
     if config.model.adapter:
         load_peft_adapter(model, Path(config.model.adapter).expanduser())
+    if config.train.mmlu_every and not (Path(config.train.mmlu_dir).expanduser() / "test").is_dir():
+        raise FileNotFoundError(f"train.mmlu_dir={config.train.mmlu_dir!r} has no test/ directory (MMLU's layout)")
     model.remat = config.train.gradient_checkpointing
     model.scan_layers = config.train.scan_layers
     return model_dir, tokenizer, dataset, model
@@ -271,6 +274,7 @@ def train(config: RunConfig, log=print) -> dict:
     if offload == "host_with_params":
         lora = jax.device_put(lora, jax.memory.Space.Host)
     loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir)
+    loop.tokenizer = tokenizer
     loop.held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
                                       config.data.bucket, config.train.eval_batches))
     try:
@@ -294,6 +298,7 @@ class _Loop:
         self.eval_step = make_eval_step(graphdef, config.train.loss_chunk)
         self.writer = MetricsWriter(run_dir)
         self.held_out: list = []
+        self.tokenizer = None  # set by train(): MMLU prompts
         self.initial_eval_loss = None
         self.tokens_seen, self.wall, self.compilations = 0, 0.0, 0
 
@@ -357,7 +362,12 @@ class _Loop:
                     values["eval_loss"] = self.evaluate(lora)
                     values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
                     progress.write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
-                if done % settings.log_every == 0 or eval_now:
+                if settings.mmlu_every and done % settings.mmlu_every == 0:
+                    accuracy = mmlu(nnx.merge(self.graphdef, lora, self.frozen), self.tokenizer,
+                                    Path(settings.mmlu_dir).expanduser(), settings.mmlu_k)["mean_accuracy"]
+                    values["mmlu_accuracy"] = accuracy
+                    progress.write(f"step {done}: MMLU accuracy {accuracy:.4f}")
+                if done % settings.log_every == 0 or eval_now or "mmlu_accuracy" in values:
                     self.writer.write(done, values)
                 evaluated_last = eval_now
                 saved_last = (settings.save_every and done % settings.save_every == 0) or done == settings.steps

@@ -6,10 +6,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_config
 
 from qlora_jax.data import IGNORE
 from qlora_jax.evaluate import CHOICES, main, mmlu_prompt, score_tokens, text_scores
 from qlora_jax.loading import load_model
+from qlora_jax.metrics import read_metrics
+from qlora_jax.train import train
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +95,14 @@ def test_mmlu_errors(tiny_chat_model, tmp_path, capsys):
     _write_mmlu(tmp_path, "x", {"dev": [["q", "a", "b", "c", "d", "E"]], "test": [["q", "a", "b", "c", "d", "A"]]})
     assert main(["--model", str(tiny_chat_model), "--mmlu", str(tmp_path), "--k", "1"]) == 2
     assert "x_dev.csv:1: expected question, A, B, C, D, answer (A-D)" in capsys.readouterr().err
+
+
+def test_mmlu_runs_during_training(tiny_chat_model, chat_file, tmp_path):
+    tests = [["2+2?", "4", "3", "2", "1", "A"], ["3+3?", "1", "6", "2", "3", "B"]]
+    _write_mmlu(tmp_path / "mmlu", "math", {"dev": [["1+1?", "2", "3", "4", "5", "A"]], "test": tests})
+    config = train_config(tiny_chat_model, chat_file, tmp_path / "run",
+                          **{"train.mmlu_dir": str(tmp_path / "mmlu"), "train.mmlu_every": 2, "train.mmlu_k": 1})
+    train(config, log=lambda *_: None)
+    records = [r for r in read_metrics(tmp_path / "run") if "mmlu_accuracy" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["mmlu_accuracy"] in (0.0, 0.5, 1.0) for r in records)

@@ -4,10 +4,12 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from conftest import FIXTURES
 
-from qlora_jax.generate import Sampling, generate, main, pick_token, stream
-from qlora_jax.loading import load_for_inference
+from qlora_jax.generate import Sampling, generate, generate_ids, main, pick_token, stream
+from qlora_jax.loading import load_for_inference, load_model
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +60,14 @@ def test_generate_cli(tiny_chat_model, tmp_path, capsys):
     prompts.write_text("{oops\n")
     assert main(["--model", str(tiny_chat_model), "--prompts", str(prompts)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {prompts}:1: invalid JSON line")
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "mistral_window", "qwen2_bias_tied", "llama_headdim_linear"])
+def test_greedy_equals_transformers_greedy(name):
+    """scripts/make_generation_fixtures.py: transformers' model.generate(do_sample=False), float32, left padding."""
+    reference = json.loads((FIXTURES / "models" / "greedy_reference.json").read_text())
+    model = load_model(FIXTURES / "models" / name, quant="none", compute_dtype=jnp.float32)
+    ids = jnp.asarray(reference["input_ids"], jnp.int32)
+    mask = jnp.asarray(reference["attention_mask"], bool)
+    tokens = generate_ids(model, ids, mask, max_new_tokens=12, sampling=Sampling())
+    assert np.asarray(tokens).tolist() == reference["new_tokens"][name]
