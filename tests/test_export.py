@@ -52,3 +52,16 @@ def test_bnb_nf4_export_is_byte_identical_to_transformers_and_bitsandbytes(tmp_p
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
     assert load_model(out, quant="nf4").layers[0].self_attn.q_proj.quantized_weight().nbytes() > 0
+
+
+def test_transformers_reads_the_merged_export_as_we_do(tmp_path):
+    """merged_export_logits.npz: transformers' float32 logits of this export (scripts/make_export_fixtures.py)."""
+    out = export_merged(MODELS / "llama3_rope", MODELS / "llama3_rope_peft_adapter", tmp_path / "merged", quant="none")
+    reference = np.load(MODELS / "reference_logits.npz")
+    transformers_logits = np.load(MODELS / "merged_export_logits.npz")["right_logits"]
+    ids, mask = jnp.asarray(reference["right_ids"]), jnp.asarray(reference["right_mask"])
+    real = reference["right_mask"].astype(bool)
+    ours = np.asarray(load_model(out, quant="none", compute_dtype=jnp.float32)(ids, mask))
+    assert np.abs(ours - transformers_logits)[real].max() < 1e-4  # the same file, read the same way
+    peft = reference["llama3_rope_peft/right_logits"]  # PEFT's base + adapter, unmerged
+    assert np.abs(transformers_logits - peft)[real].max() / np.abs(peft).max() < 1e-2  # one bf16 rounding
