@@ -94,13 +94,16 @@ def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[jax.Array, j
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 def _finish(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
     """Decode up to the first EOS, then cut at the first stop string."""
     if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_id)]
-    text = tokenizer.decode(tokens)
-    cuts = [text.index(s) for s in stop if s in text]
-    return text[: min(cuts)] if cuts else text
+    return _cut_at_stop(tokenizer.decode(tokens), stop)
 
 
 def generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 32,
@@ -138,11 +141,12 @@ def stream(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_t
         if int(token) == tokenizer.eos_id:
             break
         tokens.append(int(token))
-        text = _finish(tokenizer, tokens, stop)
+        decoded = tokenizer.decode(tokens)  # once per token: the stop check and the output share it
+        text = _cut_at_stop(decoded, stop)
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-        if any(s in tokenizer.decode(tokens) for s in stop):
+        if len(text) < len(decoded):  # a stop string appeared
             break
 
 
