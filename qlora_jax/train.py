@@ -273,8 +273,7 @@ def train(config: RunConfig, log=print) -> dict:
         opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
     if offload == "host_with_params":
         lora = jax.device_put(lora, jax.memory.Space.Host)
-    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir)
-    loop.tokenizer = tokenizer
+    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir, tokenizer)
     loop.held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
                                       config.data.bucket, config.train.eval_batches))
     try:
@@ -291,14 +290,14 @@ class _Loop:
     """The step loop: logging, evaluation, checkpoints, non-finite steps and stop signals."""
 
     def __init__(self, config: RunConfig, graphdef, frozen, schedule, checkpoints: Checkpoints,
-                 iterator: BatchIterator, run_dir: Path):
+                 iterator: BatchIterator, run_dir: Path, tokenizer):
         self.config, self.frozen, self.schedule = config, frozen, schedule
         self.checkpoints, self.iterator, self.run_dir = checkpoints, iterator, run_dir
         self.graphdef = graphdef
         self.eval_step = make_eval_step(graphdef, config.train.loss_chunk)
         self.writer = MetricsWriter(run_dir)
         self.held_out: list = []
-        self.tokenizer = None  # set by train(): MMLU prompts
+        self.tokenizer = tokenizer  # MMLU prompts
         self.initial_eval_loss = None
         self.tokens_seen, self.wall, self.compilations = 0, 0.0, 0
 
