@@ -469,6 +469,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh of a run: ``data x fsdp`` must equal the number of devices (all hosts), or be 1 x 1.
+
+    The batch is split over both axes; the frozen 4-bit weights are split over ``fsdp`` and
+    gathered one layer at a time as packed bytes (``qlora_jax.parallel``). 1 x 1 runs on one device.
+    """
+
+    data: int = 1
+    """Data-parallel replicas: each holds the whole (4-bit) model."""
+    fsdp: int = 1
+    """Devices that split the frozen weights between them (and the batch)."""
+
+    def __post_init__(self):
+        problems = [f"mesh.{name}={getattr(self, name)!r} must be an integer >= 1" for name in ("data", "fsdp")
+                    if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        _raise_all(problems)
+
+    @property
+    def size(self) -> int:
+        """Devices in the mesh."""
+        return self.data * self.fsdp
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one ``python -m qlora_jax.train`` run needs."""
 
@@ -478,3 +502,4 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)

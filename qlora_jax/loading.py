@@ -3,7 +3,8 @@
 The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory),
 then each checkpoint tensor is read from a memory-mapped safetensors file, moved
 to the device, quantized there and dropped, so host and device memory stay about
-one tensor above the quantized model. A bitsandbytes 4-bit checkpoint
+one tensor above the quantized model. With a device mesh, each decoder layer goes to its
+shards (``qlora_jax.parallel``) as soon as it is quantized. A bitsandbytes 4-bit checkpoint
 (``quantization_config.quant_method == "bitsandbytes"``) is taken bit for bit.
 """
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import parallel
 from .checkpoint_files import CheckpointReader
 from .config import LoraConfig, ModelConfig, QuantConfig
 from .jsonio import read_json_object
@@ -112,16 +114,24 @@ def init_lora(model: nnx.Module, seed: int) -> None:
         module.lora_b.set_value(jnp.zeros(b_shape, module.lora_b.get_value().dtype))
 
 
+def _place_frozen(module: nnx.Module, mesh) -> None:
+    """Move ``module``'s frozen arrays to their shards on ``mesh`` (nothing without a mesh)."""
+    if mesh is not None:
+        _, _, frozen = nnx.split(module, LoRAParam, ...)
+        nnx.update(module, parallel.shard_frozen(frozen, mesh))
+
+
 def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                lora: LoraConfig | None = None, compute_dtype=jnp.bfloat16, seed: int = 0,
-               verbose: bool = False, kernel: str = "auto") -> LlamaForCausalLM:
+               verbose: bool = False, kernel: str = "auto", mesh=None) -> LlamaForCausalLM:
     """Load a local Hugging Face LLaMA-family directory as a QLoRA model.
 
     ``quant``: nf4 (default), fp4, int4, or none (bf16 base). A bitsandbytes 4-bit
     checkpoint is loaded as stored; its type must match ``quant``/``blocksize``/
     ``double_quant``. ``lora``: adapters on the configured targets (None: no adapters).
     ``verbose`` prints the peak resident memory after loading. ``kernel``: the 4-bit
-    matmul (``QuantConfig.kernel``).
+    matmul (``QuantConfig.kernel``). ``mesh``: a ``jax.sharding.Mesh`` to shard the frozen
+    weights over (``parallel.frozen_spec``); the LoRA parameters stay where they are created.
     """
     directory = Path(path)
     config, raw = read_config(directory)
@@ -148,6 +158,11 @@ def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double
             for name, block in LINEAR_NAMES.items():
                 module = getattr(getattr(layer, block), name)
                 _load_linear(module, reader, f"{prefix}{block}.{name}.", stored is not None)
+            _place_frozen(layer, mesh)
+        for name, variable in (("embed_tokens", model.embed_tokens), ("norm", model.norm.weight),
+                               ("lm_head", model.lm_head)):
+            if variable is not None and mesh is not None:
+                variable.set_value(parallel.place_frozen(name, variable.get_value(), mesh))
     if lora is not None:
         init_lora(model, seed)
     if verbose:

@@ -12,15 +12,24 @@ from the packed weight again. Two implementations of both products:
 
 ``auto`` picks ``pallas`` on GPU and ``xla`` elsewhere. Weights the kernels do not take
 (``pallas_kernels.supports``) use ``xla``.
+
+Under a device mesh (``qlora_jax.parallel.use``), both products run per device in a
+``shard_map``: each device gathers the weight's fsdp shards as stored (``u8`` codes)
+and multiplies its own rows of ``x``/``dy``. The backward pass gathers again instead of
+keeping the gathered weight; with the decoder layers in a ``lax.scan`` (``train.scan_layers``)
+the two gathers sit in different loops, so one layer's full weight exists at a time.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference, supports
 
+from . import parallel
 from .quant import QuantizedTensor
 
 KERNELS = ("auto", "pallas", "xla")
@@ -53,19 +62,46 @@ def _rows(fn, a: jax.Array, weight: QuantizedTensor) -> jax.Array:
     return out.reshape(*a.shape[:-1], out.shape[-1])
 
 
+def _weight_specs(weight: QuantizedTensor, mesh) -> QuantizedTensor:
+    """Partition specs of the weight's leaves (``parallel.frozen_spec``), shaped like the weight."""
+    def spec(name):
+        leaf = getattr(weight, name)
+        return None if leaf is None else parallel.frozen_spec(name, leaf.shape, mesh.shape[parallel.FSDP])
+
+    return QuantizedTensor(spec("packed"), spec("absmax"), spec("nested_absmax"), spec("offset"), weight.shape,
+                           weight.dtype, weight.blocksize, weight.quant_type)
+
+
+def _product(fn, a: jax.Array, weight: QuantizedTensor) -> jax.Array:
+    """``_rows(fn, a, weight)``; under a mesh, per device on its rows of ``a: [B, ..., width]``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _rows(fn, a, weight)
+    a_spec, weight_specs = parallel.batch_spec(a.shape[0], mesh), _weight_specs(weight, mesh)
+
+    split = [name for name in ("packed", "absmax") if getattr(weight_specs, name) != P()]
+
+    def local(a, weight):
+        gathered = {name: jax.lax.all_gather(getattr(weight, name), parallel.FSDP, tiled=True) for name in split}
+        return _rows(fn, a, dataclasses.replace(weight, **gathered))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(a_spec, weight_specs), out_specs=a_spec,
+                         check_vma=False)(a, weight)
+
+
 @functools.cache
 def _matmul_for(dtype_name: str, implementation: str):
     compute_dtype = jnp.dtype(dtype_name)
 
     def forward(x, weight):
-        return _rows(_FORWARD[implementation], x.astype(compute_dtype), weight)
+        return _product(_FORWARD[implementation], x.astype(compute_dtype), weight)
 
     def forward_with_residuals(x, weight):
         return forward(x, weight), (weight, x[..., :0])  # x[..., :0] carries x's dtype, no data
 
     def backward(residuals, dy):
         weight, x_like = residuals
-        dx = _rows(_BACKWARD[implementation], dy.astype(compute_dtype), weight)
+        dx = _product(_BACKWARD[implementation], dy.astype(compute_dtype), weight)
         return dx.astype(x_like.dtype), None
 
     matmul = jax.custom_vjp(forward)

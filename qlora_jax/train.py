@@ -6,6 +6,10 @@ and trains only the adapters with AdamW on the configured data. Writes into
 TensorBoard events, ``checkpoints/step_<n>/``, ``adapter/`` (PEFT format),
 ``loss_curve.png`` and ``summary.json``. A run directory that already holds a
 checkpoint is resumed from it.
+
+``mesh: {data: D, fsdp: F}`` trains on D x F devices (``qlora_jax.parallel``); on several
+hosts every process runs the same command (``parallel.initialize_distributed`` reads the
+environment), all of them save the checkpoints together and process 0 writes the other files.
 """
 
 import argparse
@@ -27,7 +31,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from . import assets, atomic
+from . import assets, atomic, parallel
 from .checkpoint import Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
@@ -213,7 +217,7 @@ def _check_free_space(location: Path, lora, opt_state, keep: int) -> None:
                           f"need about {needed / 2**20:.0f} MiB (lower train.keep_checkpoints or free space)")
 
 
-def _load(config: RunConfig, log):
+def _load(config: RunConfig, log, mesh):
     """Everything read from the inputs, all validated before the run directory is touched."""
     model_dir = resolve_model_dir(config.model.path)
     compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
@@ -225,7 +229,7 @@ def _load(config: RunConfig, log):
     q = config.quant
     model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
                        lora=config.lora, compute_dtype=compute_dtype, seed=config.train.seed, verbose=True,
-                       kernel=q.kernel)
+                       kernel=q.kernel, mesh=mesh)
     if config.model.adapter:
         load_peft_adapter(model, Path(config.model.adapter).expanduser())
     if config.train.mmlu_every and not (Path(config.train.mmlu_dir).expanduser() / "test").is_dir():
@@ -247,15 +251,20 @@ def train(config: RunConfig, log=print) -> dict:
     if resume_step is not None:
         _check_resume(run_dir, config)
     location = _check_output_location(run_dir)
-    model_dir, tokenizer, dataset, model = _load(config, log)
+    mesh = _make_mesh(config)
+    model_dir, tokenizer, dataset, model = _load(config, log, mesh)
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     tx, schedule = config.optimizer.build(config.train.steps)
     opt_state = tx.init(lora)
+    if mesh is not None:
+        lora, opt_state = parallel.replicate((lora, opt_state), mesh)
     _check_free_space(location, lora, opt_state, config.train.keep_checkpoints)
 
+    primary = parallel.is_primary()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(run_dir, config.train.keep_checkpoints)
-    dump_run_config(config, run_dir / "config.yaml")
+    if primary:
+        dump_run_config(config, run_dir / "config.yaml")
     chat_like = config.data.format in ("chitchat", "chat", "text")
     max_length = config.data.max_len if chat_like else config.data.source_max_len + config.data.target_max_len
     iterator = BatchIterator(dataset.train, config.train.batch_size, config.train.grad_accum, config.train.seed,
@@ -264,42 +273,65 @@ def train(config: RunConfig, log=print) -> dict:
         state, meta = checkpoints.restore(resume_step, {"lora": lora, "opt_state": opt_state})
         lora, opt_state = state["lora"], state["opt_state"]
         iterator.restore(meta["data"])
-        truncate_metrics(run_dir, resume_step)
+        if primary:
+            truncate_metrics(run_dir, resume_step)
         log(f"resumed from {run_dir}/checkpoints/step_{resume_step}")
-    else:
+    elif primary:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     offload = config.optimizer.offload
     if offload != "none":
         opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
     if offload == "host_with_params":
         lora = jax.device_put(lora, jax.memory.Space.Host)
-    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir, tokenizer)
-    loop.held_out = list(eval_batches(dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length,
-                                      config.data.bucket, config.train.eval_batches))
+    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir, tokenizer, mesh)
+    loop.held_out = [loop.to_devices(batch) for batch in eval_batches(
+        dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length, config.data.bucket,
+        config.train.eval_batches)]
     try:
-        lora = loop.run(tx, lora, opt_state, resume_step or 0, log)
+        with parallel.use(mesh):
+            lora = loop.run(tx, lora, opt_state, resume_step or 0, log)
     finally:
-        loop.writer.close()
+        if loop.writer is not None:
+            loop.writer.close()
         checkpoints.close()
+    if not primary:
+        return {}
     model = nnx.merge(graphdef, lora, frozen)
     save_peft_adapter(model, run_dir / "adapter", str(model_dir))
     return _write_summary(run_dir, config, loop, resume_step, model_dir, log)
+
+
+def _make_mesh(config: RunConfig):
+    """The run's device mesh (None on one device), checked against the batch size."""
+    mesh = parallel.make_mesh(config.mesh)
+    if mesh is not None and config.train.batch_size % config.mesh.size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of mesh.data x mesh.fsdp "
+                          f"= {config.mesh.size} (every device trains on its own rows)")
+    return mesh
 
 
 class _Loop:
     """The step loop: logging, evaluation, checkpoints, non-finite steps and stop signals."""
 
     def __init__(self, config: RunConfig, graphdef, frozen, schedule, checkpoints: Checkpoints,
-                 iterator: BatchIterator, run_dir: Path, tokenizer):
+                 iterator: BatchIterator, run_dir: Path, tokenizer, mesh):
         self.config, self.frozen, self.schedule = config, frozen, schedule
         self.checkpoints, self.iterator, self.run_dir = checkpoints, iterator, run_dir
-        self.graphdef = graphdef
+        self.graphdef, self.mesh = graphdef, mesh
         self.eval_step = make_eval_step(graphdef, config.train.loss_chunk)
-        self.writer = MetricsWriter(run_dir)
+        self.writer = MetricsWriter(run_dir) if parallel.is_primary() else None
         self.held_out: list = []
         self.tokenizer = tokenizer  # MMLU prompts
         self.initial_eval_loss = None
         self.tokens_seen, self.wall, self.compilations = 0, 0.0, 0
+
+    def to_devices(self, batch: dict) -> dict:
+        """A host batch ``[A, B, T]`` as the step takes it: split over the mesh, if there is one."""
+        return parallel.shard_batch(batch, self.mesh) if self.mesh is not None else batch
+
+    def record(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            self.writer.write(step, values)
 
     def evaluate(self, lora) -> float:
         return _held_out_loss(self.eval_step, lora, self.frozen, self.held_out)
@@ -320,19 +352,19 @@ class _Loop:
                                      loss_chunk=settings.loss_chunk, offload=self.config.optimizer.offload)
         if start == 0:
             self.initial_eval_loss = self.evaluate(lora)
-            self.writer.write(0, {"eval_loss": self.initial_eval_loss,
+            self.record(0, {"eval_loss": self.initial_eval_loss,
                                   "eval_perplexity": float(np.exp(self.initial_eval_loss))})
             log(f"step 0: held-out loss {self.initial_eval_loss:.4f}")
         started = time.perf_counter()
         bad_streak, evaluated_last, saved_last = 0, False, False
         progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train",
-                        dynamic_ncols=True, disable=None)
+                        dynamic_ncols=True, disable=None if parallel.is_primary() else True)
         with _StopRequests() as stop:
             for step in progress:
                 position = self.iterator.state()
                 batch = next(self.iterator)
                 step_start = time.perf_counter()
-                lora, opt_state, metrics = train_step(lora, opt_state, self.frozen, batch,
+                lora, opt_state, metrics = train_step(lora, opt_state, self.frozen, self.to_devices(batch),
                                                       jax.random.fold_in(jax.random.key(settings.seed), step))
                 loss, done = float(metrics["loss"]), step + 1
                 elapsed = time.perf_counter() - step_start
@@ -367,7 +399,7 @@ class _Loop:
                     values["mmlu_accuracy"] = accuracy
                     progress.write(f"step {done}: MMLU accuracy {accuracy:.4f}")
                 if done % settings.log_every == 0 or eval_now or "mmlu_accuracy" in values:
-                    self.writer.write(done, values)
+                    self.record(done, values)
                 evaluated_last = eval_now
                 saved_last = (settings.save_every and done % settings.save_every == 0) or done == settings.steps
                 if saved_last:
@@ -382,7 +414,7 @@ class _Loop:
         self.compilations = train_step._cache_size()  # one per padded length bucket seen
         if not evaluated_last:  # the last step was not an evaluation step (or the run was already finished)
             final = self.evaluate(lora)
-            self.writer.write(settings.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
+            self.record(settings.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
         return lora
 
 
@@ -418,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="require a checkpoint to resume from (a run directory with one is resumed anyway)")
     args = parser.parse_args(argv)
     try:
+        parallel.initialize_distributed()
         config = load_run_config(args.config, args.overrides)
         if args.resume and latest_checkpoint(config.train.run_dir) is None:
             raise ConfigError(f"--resume: {config.train.run_dir} has no checkpoint to resume from")

@@ -1,6 +1,7 @@
 """Shared test setup: fixture paths, the bitsandbytes oracle data, a tiny chat model and its training config."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -8,10 +9,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qlora_jax.config import ModelConfig, QuantConfig
-from qlora_jax.config_io import load_run_config
-from qlora_jax.loading import random_model
-from qlora_jax.safetensors_io import load_file, save_file
+# Eight CPU devices for the mesh tests (tests/test_parallel.py); set before JAX starts. Single-device code
+# keeps using the first one.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+
+from qlora_jax.config import ModelConfig, QuantConfig  # noqa: E402
+from qlora_jax.config_io import load_run_config  # noqa: E402
+from qlora_jax.loading import random_model  # noqa: E402
+from qlora_jax.safetensors_io import load_file, save_file  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
