@@ -41,18 +41,19 @@ def _adapter(run_dir) -> dict[str, np.ndarray]:
     return {name: np.frombuffer(raw, np.float32) for name, raw in adapter_bytes(run_dir).items()}
 
 
-def _train(model_dir, data_file, run_dir, mesh: tuple[int, int]):
-    settings = {**RUN, "mesh.data": mesh[0], "mesh.fsdp": mesh[1]}
+def _train(model_dir, data_file, run_dir, mesh: tuple[int, int], save_every: int = 2):
+    settings = {**RUN, "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "train.save_every": save_every}
     return train(train_config(model_dir, data_file, run_dir, **settings), log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
 def mesh_runs(tiny_chat_model, chat_file, tmp_path_factory):
-    """The same 3-step fine-tune on one device and on each mesh: ``{(data, fsdp): run_dir}``."""
+    """The same 3-step fine-tune on one device and on each mesh: ``{(data, fsdp): run_dir}``
+    (2 x 4 also keeps its step-2 checkpoint, for the resume test)."""
     runs = {}
     for mesh in [(1, 1), *MESHES]:
         runs[mesh] = tmp_path_factory.mktemp("mesh") / f"run_{mesh[0]}x{mesh[1]}"
-        _train(tiny_chat_model, chat_file, runs[mesh], mesh)
+        _train(tiny_chat_model, chat_file, runs[mesh], mesh, save_every=2 if mesh == (2, 4) else 0)
     return runs
 
 
