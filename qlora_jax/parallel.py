@@ -11,10 +11,12 @@ Placement (``MeshConfig``; every device of every host is in the mesh):
 - the 2-D frozen tensors (embeddings, lm_head, unquantized base weights): rows split
   over ``fsdp``, gathered by XLA where used;
 - nested_absmax and offset (1/2048 of the packed bytes), norms, biases: replicated;
-- LoRA parameters and the AdamW state: replicated. They are ~1% of a 4-bit model's bytes
-  (65B at r=64: 1.6 GB of f32 params + moments, against 33.7 GB of 4-bit weights), the
-  gradient all-reduce is the only collective they need, and every device applies the same
-  update, so results do not depend on the mesh.
+- LoRA parameters (f32) and their gradients: replicated. Every layer needs its adapters whole
+  on every device, in the forward and the backward pass; replicated, the gradient all-reduce
+  is the only collective they cost;
+- the AdamW moments (twice the LoRA bytes): split over all devices along their first axis
+  (ZeRO stage 1). Only the update touches them, elementwise, so each device updates its own
+  rows and XLA gathers the new parameters once per step.
 
 A leaf whose first dimension the ``fsdp`` size does not divide stays replicated.
 Mesh axes are ``AxisType.Auto`` and set explicitly (``jax.make_mesh`` now defaults to
@@ -119,9 +121,27 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(lambda leaf: global_array(leaf, NamedSharding(mesh, P())), tree)
 
 
+def _over_all_devices(mesh) -> P:
+    """First dimension split over data x fsdp, written as XLA writes it back (size-1 axes left out), so a
+    step's outputs carry the very specs of its inputs and the next step reuses the compiled program."""
+    axes = tuple(name for name in BATCH_AXES if mesh.shape[name] > 1)
+    return P(axes if len(axes) > 1 else axes[0]) if axes else P()
+
+
+def optimizer_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Where an optimizer-state leaf lives: rows over every device when they divide evenly, else replicated."""
+    return _over_all_devices(mesh) if shape and shape[0] % mesh.size == 0 else P()
+
+
+def shard_optimizer_state(opt_state, mesh: Mesh):
+    """The optimizer state (the same on every process) split as ``optimizer_spec`` says."""
+    return jax.tree.map(lambda leaf: global_array(leaf, NamedSharding(mesh, optimizer_spec(leaf.shape, mesh))),
+                        opt_state)
+
+
 def batch_spec(rows: int, mesh) -> P:
     """Rows split over data x fsdp when they divide evenly, else replicated."""
-    return P(BATCH_AXES) if rows % (mesh.shape[DATA] * mesh.shape[FSDP]) == 0 else P()
+    return _over_all_devices(mesh) if rows % (mesh.shape[DATA] * mesh.shape[FSDP]) == 0 else P()
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from . import assets, atomic, parallel
@@ -70,7 +71,7 @@ def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int) -> tuple[j
     return token_loss(hidden, batch["labels"][:, 1:], model.unembedding(), loss_chunk)
 
 
-def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: str = "none"):
+def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: str = "none", layout=None):
     """One optimizer step over ``[A, B, T]`` micro-batches; gradients only for the LoRA parameters.
 
     A step whose loss, gradients or updated parameters are not finite is not applied: the
@@ -78,6 +79,8 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
     ``offload`` (``OptimConfig.offload``): the optimizer state (and with ``host_with_params``
     the LoRA parameters) arrive in and return to pinned host memory; they visit the device
     only inside the step. ``donate`` reuses the device buffers of the inputs (never on CPU).
+    ``layout``: the device shardings of ``(lora, opt_state)`` on a mesh; the step returns them
+    laid out the same way (else XLA picks, and the next step would compile again).
     """
     offload_params = offload == "host_with_params"
 
@@ -110,6 +113,8 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
         metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
                    "applied": applied}
         new_lora, new_opt_state = keep(new_lora, lora), keep(new_opt_state, opt_state)
+        if layout is not None:
+            new_lora, new_opt_state = jax.lax.with_sharding_constraint((new_lora, new_opt_state), layout)
         if offload != "none":
             new_opt_state = jax.device_put(new_opt_state, jax.memory.Space.Host)
         if offload_params:
@@ -257,7 +262,7 @@ def train(config: RunConfig, log=print) -> dict:
     tx, schedule = config.optimizer.build(config.train.steps)
     opt_state = tx.init(lora)
     if mesh is not None:
-        lora, opt_state = parallel.replicate((lora, opt_state), mesh)
+        lora, opt_state = parallel.replicate(lora, mesh), parallel.shard_optimizer_state(opt_state, mesh)
     _check_free_space(location, lora, opt_state, config.train.keep_checkpoints)
 
     primary = parallel.is_primary()
@@ -348,8 +353,11 @@ class _Loop:
 
     def run(self, tx, lora, opt_state, start: int, log):
         settings = self.config.train
+        layout = jax.tree.map(lambda leaf: NamedSharding(self.mesh, leaf.sharding.spec), (lora, opt_state)) \
+            if self.mesh is not None else None
         train_step = make_train_step(self.graphdef, tx, donate=jax.default_backend() != "cpu",
-                                     loss_chunk=settings.loss_chunk, offload=self.config.optimizer.offload)
+                                     loss_chunk=settings.loss_chunk, offload=self.config.optimizer.offload,
+                                     layout=layout)
         if start == 0:
             self.initial_eval_loss = self.evaluate(lora)
             self.record(0, {"eval_loss": self.initial_eval_loss,

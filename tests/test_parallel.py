@@ -73,6 +73,8 @@ def _assert_same_training(run_dir, reference_dir):
 def test_mesh_trains_to_the_same_losses_as_one_device(mesh_runs, mesh):
     history = _history(mesh_runs[mesh])
     assert history["loss"][-1] < history["loss"][0]  # it trains
+    summary = json.loads((mesh_runs[mesh] / "summary.json").read_text())
+    assert summary["train_step_compilations"] == 1  # the state comes back laid out as it went in
     _assert_same_training(mesh_runs[mesh], mesh_runs[(1, 1)])
 
 
@@ -162,6 +164,8 @@ def test_mesh_and_distributed_settings_are_checked():
     mesh = parallel.make_mesh(MeshConfig(2, 4))
     assert mesh.axis_names == parallel.BATCH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 4}
     assert mesh.axis_types == (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto)
+    assert parallel.optimizer_spec((64, 4), mesh) == P(parallel.BATCH_AXES)  # AdamW moments: split over all 8
+    assert parallel.optimizer_spec((4, 64), mesh) == parallel.optimizer_spec((), mesh) == P()
     with pytest.raises(ValueError, match=r"mesh\.fsdp=0 must be an integer >= 1"):
         MeshConfig(1, 0)
     assert parallel.initialize_distributed({}) is False
