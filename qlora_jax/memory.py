@@ -1,6 +1,7 @@
 """``python -m qlora_jax.memory --model DIR_OR_PRESET --seq-len L --batch B``: will this fine-tune fit?
 
-Prints the device (and host) memory of one QLoRA training step, part by part. Weights,
+Prints the device (and host) memory of one QLoRA training step, part by part, per device
+of a ``--data x --fsdp`` mesh (placement: ``qlora_jax.parallel``). Weights,
 quantization constants, LoRA parameters, their gradients and AdamW's state are exact:
 they come from the abstract model (``nnx.eval_shape``; presets need no weights) and
 equal the bytes of the instantiated model. Activations are an estimate from the
@@ -33,6 +34,7 @@ class StepShape:
     """What one training step processes, and how."""
 
     batch: int
+    """Sequences per step, all devices together (``train.batch_size``)."""
     seq_len: int
     checkpointing: str = "layer"
     offload: str = "none"
@@ -40,6 +42,14 @@ class StepShape:
     compute_bytes: int = 2
     flash_attention: bool = True
     """cuDNN flash attention (GPU, bf16): the [B, H, T, T] probabilities are not kept."""
+    data: int = 1
+    """Mesh: data-parallel replicas."""
+    fsdp: int = 1
+    """Mesh: devices that split the frozen weights."""
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp
 
 
 def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: StepShape) -> dict[str, int]:
@@ -57,10 +67,19 @@ def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: 
 
 
 def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, shape: StepShape) -> dict[str, int]:
-    """Bytes of each part of a training step on the device, and what ``offload`` keeps on the host."""
+    """Bytes of each part of a training step on one device, and what ``offload`` keeps on the host for it.
+
+    On a mesh: frozen weights and constants are split over fsdp (the nested absmax, 1/2048 of
+    the codes, and the norms are counted as split too), one layer's 4-bit weights are whole
+    while the layer runs, LoRA parameters and gradients are replicated, AdamW's moments are
+    split over all devices, and each device holds ``batch / devices`` sequences.
+    """
+    if shape.batch % shape.devices:
+        raise ValueError(f"batch={shape.batch} must be a multiple of data x fsdp = {shape.devices}")
     weights = memory_report(config, quant, lora)
     lora_bytes = weights["lora_bytes"]
-    per_layer = layer_activation_bytes(config, lora, shape)
+    device_batch = shape.batch // shape.devices
+    per_layer = layer_activation_bytes(config, lora, dataclasses.replace(shape, batch=device_batch))
     layers = config.num_hidden_layers
     if shape.checkpointing == "none":
         saved, host_saved = layers * per_layer["all"], 0
@@ -71,13 +90,15 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     else:  # layer_offload: the dots wait in host memory
         saved, host_saved = layers * per_layer["input"] + per_layer["all"], layers * per_layer["dots"]
     chunk = shape.loss_chunk or shape.seq_len
-    logits = 2 * shape.batch * min(chunk, shape.seq_len) * config.vocab_size * 4  # f32 logits and their gradient
-    optimizer = 2 * lora_bytes  # AdamW: mu and nu, f32
+    logits = 2 * device_batch * min(chunk, shape.seq_len) * config.vocab_size * 4  # f32 logits and their gradient
+    optimizer = 2 * lora_bytes // shape.devices  # AdamW: mu and nu, f32
     on_host = {"none": 0, "host": optimizer, "host_with_params": optimizer + lora_bytes}[shape.offload]
+    base_bytes = (weights["codes_bytes"] if quant.quantized else 0) + weights["constants_bytes"]
     parts = {
-        "quantized_weights": weights["codes_bytes"] if quant.quantized else 0,
-        "quant_constants": weights["constants_bytes"],
-        "unquantized_frozen": weights["frozen_bytes"],
+        "quantized_weights": (weights["codes_bytes"] if quant.quantized else 0) // shape.fsdp,
+        "quant_constants": weights["constants_bytes"] // shape.fsdp,
+        "gathered_layer": base_bytes // config.num_hidden_layers if shape.fsdp > 1 else 0,
+        "unquantized_frozen": weights["frozen_bytes"] // shape.fsdp,
         "lora_params": lora_bytes if shape.offload != "host_with_params" else 0,
         "lora_grads": lora_bytes,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
@@ -103,7 +124,8 @@ def resolve_model(name: str) -> ModelConfig:
 
 
 def format_report(name: str, parts: dict[str, int], shape: StepShape, lora: LoraConfig, quant: QuantConfig) -> str:
-    lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens, {quant.quant_type}"
+    mesh = f", mesh data {shape.data} x fsdp {shape.fsdp} (per device)" if shape.devices > 1 else ""
+    lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens{mesh}, {quant.quant_type}"
              f"{'+dq' if quant.double_quant and quant.quantized else ''}, LoRA r={lora.rank} on "
              f"{len(lora.targets)} projections, checkpointing {shape.checkpointing}, optimizer offload "
              f"{shape.offload}, loss chunk {shape.loss_chunk or 'none'}"]
@@ -125,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", default="layer", choices=CHECKPOINTING)
     parser.add_argument("--loss-chunk", type=int, default=128, help="0: logits of the whole sequence at once")
     parser.add_argument("--no-flash", action="store_true", help="XLA attention (keeps [B, H, T, T] probabilities)")
+    parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
+    parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
     args = parser.parse_args(argv)
     try:
-        if args.seq_len < 1 or args.batch < 1 or args.loss_chunk < 0:
-            raise ValueError("--seq-len and --batch must be >= 1, --loss-chunk >= 0")
+        if min(args.seq_len, args.batch, args.data, args.fsdp) < 1 or args.loss_chunk < 0:
+            raise ValueError("--seq-len, --batch, --data and --fsdp must be >= 1, --loss-chunk >= 0")
         config = resolve_model(args.model)
         quant = QuantConfig(args.quant, 64, not args.no_double_quant)
         lora = LoraConfig(rank=args.r)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
-                          flash_attention=not args.no_flash)
+                          flash_attention=not args.no_flash, data=args.data, fsdp=args.fsdp)
         print(format_report(args.model, training_memory(config, quant, lora, shape), shape, lora, quant))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,7 +4,8 @@
 
 Sequence length 512, batch 1, LoRA r=64 on all linear layers, NF4 + double quant,
 per-layer gradient checkpointing, chunked loss, with the optimizer state on the device
-or offloaded to host memory (``qlora_jax.memory``; activations are an estimate).
+or offloaded to host memory (``qlora_jax.memory``; activations are an estimate). A
+second table: LLaMA-65B per device on meshes of 8 devices, one sequence per device.
 """
 
 import argparse
@@ -40,11 +41,30 @@ def table() -> str:
     return "\n".join(lines) + "\n\n" + command + "\n"
 
 
+def mesh_table() -> str:
+    lora, quant = LoraConfig(rank=64), QuantConfig("nf4", 64, True)
+    lines = ["| llama-65b, mesh (data x fsdp) | batch | 4-bit base + constants | whole layer while it runs | "
+             "bf16 embeddings/norms/head | LoRA params + grads | AdamW state | activations (est.) | per device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for data, fsdp in ((1, 1), (8, 1), (2, 4), (1, 8)):
+        shape = StepShape(batch=data * fsdp, seq_len=512, data=data, fsdp=fsdp)
+        parts = training_memory(PRESETS["llama-65b"], quant, lora, shape)
+        base = parts["quantized_weights"] + parts["quant_constants"]
+        lines.append(f"| {data} x {fsdp} | {shape.batch} | {base / GIB:.2f} GiB | "
+                     f"{parts['gathered_layer'] / GIB:.2f} GiB | "
+                     f"{parts['unquantized_frozen'] / GIB:.2f} GiB | "
+                     f"{(parts['lora_params'] + parts['lora_grads']) / GIB:.2f} GiB | "
+                     f"{parts['optimizer_state'] / GIB:.2f} GiB | {parts['activations'] / GIB:.2f} GiB | "
+                     f"**{parts['total'] / GIB:.1f} GiB** |")
+    command = "`python scripts/memory_table.py` (seq 512, one sequence per device, r=64, NF4+DQ, layer checkpointing)"
+    return "\n".join(lines) + "\n\n" + command + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = table()
+    text = table() + "\n" + mesh_table()
     print(text)
     if args.out:
         args.out.write_text(text)

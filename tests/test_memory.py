@@ -153,10 +153,29 @@ def test_memory_model_presets_and_the_65b_claim():
     assert 8 * (plain["quantized_weights"] + plain["quant_constants"]) / linear == pytest.approx(4.127, abs=1e-3)
 
 
+def test_memory_model_per_device_on_a_mesh():
+    lora, quant, model = LoraConfig(rank=64), QuantConfig("nf4", 64, True), PRESETS["llama-65b"]
+    one = training_memory(model, quant, lora, StepShape(batch=1, seq_len=512))
+    fsdp = training_memory(model, quant, lora, StepShape(batch=8, seq_len=512, fsdp=8))
+    replicas = training_memory(model, quant, lora, StepShape(batch=8, seq_len=512, data=8))
+    assert fsdp["quantized_weights"] == one["quantized_weights"] // 8
+    assert fsdp["gathered_layer"] == (one["quantized_weights"] + one["quant_constants"]) // 80
+    assert replicas["quantized_weights"] == one["quantized_weights"] and replicas["gathered_layer"] == 0
+    for mesh in (fsdp, replicas):
+        assert mesh["lora_params"] == mesh["lora_grads"] == one["lora_params"]  # replicated
+        assert mesh["optimizer_state"] == one["optimizer_state"] // 8  # split over all 8 devices
+        assert mesh["activations"] == one["activations"]  # one sequence per device, as on one device
+    assert fsdp["total"] < 12 * 2**30
+    with pytest.raises(ValueError, match=r"batch=4 must be a multiple of data x fsdp = 8"):
+        training_memory(model, quant, lora, StepShape(batch=4, seq_len=512, data=2, fsdp=4))
+
+
 def test_memory_cli(capsys):
     assert main(["--model", "llama-7b", "--seq-len", "512", "--offload", "host"]) == 0
     out = capsys.readouterr().out
     assert "optimizer offload host" in out and "total" in out and "(estimate)" in out
+    assert main(["--model", "llama-7b", "--seq-len", "512", "--batch", "8", "--data", "2", "--fsdp", "4"]) == 0
+    assert "mesh data 2 x fsdp 4 (per device)" in capsys.readouterr().out
     assert main(["--model", "llama-8b", "--seq-len", "512"]) == 2
     err = capsys.readouterr().err
     assert err == ("error: --model 'llama-8b' is neither a model directory nor a preset "
