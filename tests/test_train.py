@@ -182,3 +182,9 @@ def test_hf_disk_and_tfds_sources_read_the_same_examples_as_the_file(smollm2_dir
     for a, b in zip(got.train + got.eval, expected.train + expected.eval, strict=True):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("path", sorted((FIXTURES.parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_run_config(path)
+    assert config.train.batch_size % config.mesh.size == 0
