@@ -187,6 +187,33 @@ def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
     assert 4 * sum(size for _, size in ours) < sum(4 * size for dtype, size in xla_alone if dtype in ("f32", "s32"))
 
 
+def test_scanned_layers_gather_one_layer_at_a_time_forward_and_backward():
+    """With the layers in a lax.scan, the packed gathers sit inside the forward and the backward loop
+    bodies, never in the entry computation: no step holds every layer's whole weight."""
+    config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = random_model(config, QuantConfig(), LoraConfig(rank=4), compute_dtype=jnp.float32)
+    model.scan_layers, model.remat = True, "layer"
+    mesh = parallel.make_mesh(MeshConfig(2, 4))
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    frozen, lora = parallel.shard_frozen(frozen, mesh), parallel.replicate(lora, mesh)
+    ids = parallel.global_array(np.zeros((8, 16), np.int32), NamedSharding(mesh, P(parallel.BATCH_AXES)))
+
+    def loss(lora, frozen, ids):
+        return jnp.sum(nnx.merge(graphdef, lora, frozen).hidden_states(ids) ** 2)
+
+    with parallel.use(mesh):
+        hlo = jax.jit(jax.grad(loss)).lower(lora, frozen, ids).compile().as_text()
+    per_computation, name = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+        per_computation.setdefault(name, []).extend(t for t, _ in _gathers(line))
+    packed = {name: types for name, types in per_computation.items() if "u8" in types}
+    assert "ENTRY" not in packed and len(packed) == 2  # the forward loop body and the backward loop body
+    assert all(len(types) == 14 for types in packed.values())  # one layer: 7 projections x (codes, absmax)
+
+
 def test_dropout_is_the_same_on_every_mesh():
     """Dropout masks come from the key alone, not from how the batch is split (partitionable threefry)."""
     linear = QLoRALinear(64, 32, quant=QuantConfig(), lora=LoraConfig(rank=4, dropout=0.5), compute_dtype=jnp.float32,

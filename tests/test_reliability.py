@@ -212,6 +212,11 @@ BAD_INPUTS = [
     ("negative lr", _set("optimizer.lr=-1"), r"optimizer\.lr"),
     ("run name with slash", _set("train.run_name=a/b"), r"train\.run_name='a/b' must be a non-empty name"),
     ("unknown lora target", _set("lora.targets=[q_proj, lm_head]"), r"lora\.targets.*lm_head"),
+    ("mesh axis zero", _set("mesh.fsdp=0"), r"mesh\.fsdp=0 must be an integer >= 1"),
+    ("mesh larger than the devices", _set("mesh.data=3"),
+     r"mesh: data=3 x fsdp=1 = 3 devices, but this run has 8 \(1 process\(es\)\); set mesh\.data x mesh\.fsdp = 8"),
+    ("batch not a multiple of the mesh", _set("mesh.fsdp=8"),
+     r"train\.batch_size=4 must be a multiple of mesh\.data x mesh\.fsdp = 8"),
     # model directory
     ("model dir missing", _set("model.path=/nonexistent/model"), r"model\.path '/nonexistent/model' is neither"),
     ("model path is a file", lambda i: {"overrides": [f"model.path={i['data']}"]}, r"chat\.jsonl' is neither"),
