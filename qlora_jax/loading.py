@@ -159,10 +159,11 @@ def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double
                 module = getattr(getattr(layer, block), name)
                 _load_linear(module, reader, f"{prefix}{block}.{name}.", stored is not None)
             _place_frozen(layer, mesh)
-        for name, variable in (("embed_tokens", model.embed_tokens), ("norm", model.norm.weight),
-                               ("lm_head", model.lm_head)):
-            if variable is not None and mesh is not None:
-                variable.set_value(parallel.place_frozen(name, variable.get_value(), mesh))
+        if mesh is not None:
+            for name, variable in (("embed_tokens", model.embed_tokens), ("norm", model.norm.weight),
+                                   ("lm_head", model.lm_head)):
+                if variable is not None:
+                    variable.set_value(parallel.place_frozen(name, variable.get_value(), mesh))
     if lora is not None:
         init_lora(model, seed)
     if verbose:

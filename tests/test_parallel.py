@@ -155,13 +155,23 @@ def _gathers(hlo: str) -> list[tuple[str, int]]:
     return [(dtype, int(np.prod([int(d) for d in dims.split(",") if d]))) for dtype, dims in found]
 
 
-def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
+def _sharded_tiny_model(layers: int):
+    """A random NF4 llama (D=64) and a 2 x 4 mesh."""
     config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     model = random_model(config, QuantConfig(), LoraConfig(rank=4), compute_dtype=jnp.float32)
-    mesh = parallel.make_mesh(MeshConfig(2, 4))
-    graphdef, lora, frozen = nnx.split(model.layers[0], LoRAParam, ...)
-    frozen, lora = parallel.shard_frozen(frozen, mesh), parallel.replicate(lora, mesh)
+    return config, model, parallel.make_mesh(MeshConfig(2, 4))
+
+
+def _split_for(module, mesh):
+    """``module`` split for a step on ``mesh``: frozen weights on their shards, LoRA replicated."""
+    graphdef, lora, frozen = nnx.split(module, LoRAParam, ...)
+    return graphdef, parallel.replicate(lora, mesh), parallel.shard_frozen(frozen, mesh)
+
+
+def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
+    config, model, mesh = _sharded_tiny_model(layers=1)
+    graphdef, lora, frozen = _split_for(model.layers[0], mesh)
     x = parallel.global_array(np.random.default_rng(0).normal(size=(8, 16, 64)).astype(np.float32),
                               NamedSharding(mesh, P(parallel.BATCH_AXES)))
     positions, mask = jnp.broadcast_to(jnp.arange(16), (8, 16)), jnp.ones((8, 16), bool)
@@ -190,13 +200,9 @@ def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
 def test_scanned_layers_gather_one_layer_at_a_time_forward_and_backward():
     """With the layers in a lax.scan, the packed gathers sit inside the forward and the backward loop
     bodies, never in the entry computation: no step holds every layer's whole weight."""
-    config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = random_model(config, QuantConfig(), LoraConfig(rank=4), compute_dtype=jnp.float32)
+    _, model, mesh = _sharded_tiny_model(layers=2)
     model.scan_layers, model.remat = True, "layer"
-    mesh = parallel.make_mesh(MeshConfig(2, 4))
-    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
-    frozen, lora = parallel.shard_frozen(frozen, mesh), parallel.replicate(lora, mesh)
+    graphdef, lora, frozen = _split_for(model, mesh)
     ids = parallel.global_array(np.zeros((8, 16), np.int32), NamedSharding(mesh, P(parallel.BATCH_AXES)))
 
     def loss(lora, frozen, ids):
