@@ -26,6 +26,7 @@ PRESETS = {  # the Hugging Face configs of the original checkpoints
     "llama-65b": ModelConfig("llama", 32000, 8192, 22016, 80, 64, 64, 128),
     "llama3-8b": ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128),
     "llama3-70b": ModelConfig("llama", 128256, 8192, 28672, 80, 64, 8, 128),
+    "tinyllama-1.1b": ModelConfig("llama", 32000, 2048, 5632, 22, 32, 4, 64, rms_norm_eps=1e-5),
 }
 
 

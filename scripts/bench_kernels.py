@@ -1,20 +1,25 @@
-"""Benchmark the fused 4-bit matmul kernels on a GPU against XLA dequantize+dot and a bf16 dot.
+"""Check the fused 4-bit matmul kernels compiled by Triton, then time them against XLA and a bf16 dot.
 
-    python scripts/bench_kernels.py [--out benchmarks/results/bench_kernels_gpu.md]
-    python scripts/bench_kernels.py --sweep     # retune pallas_kernels.nf4_matmul.TUNED
+    python scripts/bench_kernels.py --check [--out FILE]    # correctness only (gpu_check.sh step 1)
+    python scripts/bench_kernels.py [--shapes 7b,70b] [--m 1,16,512,4096] [--out FILE]
+    python scripts/bench_kernels.py --sweep                 # retune pallas_kernels.nf4_matmul.TUNED
+    python scripts/bench_kernels.py --interpret ...         # the same on CPU, Pallas interpreted, tiny shapes
 
-First compiles every kernel with the real Triton compiler and checks it against the XLA
-reference on random inputs (bf16, relative error <= 8e-3); any mismatch stops the run.
-Then prints one markdown table: for M in {1, 4, 16, 64, 512, 4096} and the (N, K)
-shapes of LLaMA-7B and LLaMA-70B linear layers, the median time of the Pallas forward
-kernel, of XLA dequantize + dot, and of a bf16 dot of the same shape, each one's speed
-relative to bf16 (bf16 time / its time: above 1 is faster), achieved TFLOP/s and GB/s;
-and the same for the transposed (input-gradient) product at training sizes. Needs a
-CUDA GPU; on any other backend it says so and exits 2.
+Correctness: every kernel (forward, split-K decode, transposed) is compiled and checked
+against its XLA ``*_reference`` twin on fresh random inputs, for every table (nf4, fp4,
+int4), bf16 and f16, M and N off the tiles and K split into 3 parts, plus LLaMA-sized
+shapes; outputs must be finite (nothing unwritten) and within the per-dtype tolerance of
+``tests/test_nf4_matmul.py``. Any mismatch stops the run with exit 1. The table: for each M
+and the (N, K) shapes of LLaMA-7B and LLaMA-70B linear layers, the median time of the
+Pallas forward kernel, of XLA dequantize + dot, and of a bf16 dot of the same shape, each
+one's speed relative to bf16 (bf16 time / its time: above 1 is faster), TFLOP/s and GB/s;
+then the transposed (input-gradient) product at M = 512 and 4096. Each line is written to
+``--out`` as soon as it is measured. Needs a CUDA GPU unless ``--interpret``.
 """
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -23,16 +28,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import Report, fail
 
 from pallas_kernels import TUNED, nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference
 from qlora_jax.quant import QuantizedTensor, quantize
 
-M_VALUES = (1, 4, 16, 64, 512, 4096)
+M_VALUES = (1, 16, 512, 4096)
 SHAPES = {  # layer: (N, K) of W: [N, K]
     "7B q/k/v/o": (4096, 4096), "7B gate/up": (11008, 4096), "7B down": (4096, 11008),
     "70B q/o": (8192, 8192), "70B k/v": (1024, 8192), "70B gate/up": (28672, 8192), "70B down": (8192, 28672),
 }
-TOLERANCE = 8e-3
+TINY_SHAPES = {"tiny": (48, 192)}
+# max |kernel - reference| / max |reference| (tests/test_nf4_matmul.py: 16-bit outputs rounded in other sum orders)
+TOLERANCE = {"bfloat16": 8e-3, "float16": 1e-3}
+# (M, N, K, quant_type, blocksize): M = 1 decodes through split-K (K / blocksize = 33 blocks: 3 splits);
+# M = 130 and N = 1040 are off every tile; int4 at blocksize 128. Each runs in bf16 and f16.
+EDGE_CASES = [(1, 1040, 2112, q, 64) for q in ("nf4", "fp4", "int4")] + \
+             [(130, 1040, 2112, q, 64) for q in ("nf4", "fp4")] + [(70, 208, 1024, "int4", 128)]
+LARGE_CASES = [(16, 4096, 4096, "nf4", 64), (512, 11008, 4096, "nf4", 64), (4096, 4096, 4096, "nf4", 64)]
+TINY_CASES = [(1, 48, 192, "nf4", 64), (5, 48, 192, "fp4", 64), (3, 32, 256, "int4", 128)]
 
 
 def _median_seconds(fn, *args, repeats: int = 30) -> float:
@@ -45,27 +59,32 @@ def _median_seconds(fn, *args, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def _weight(n: int, k: int, seed: int) -> tuple[QuantizedTensor, jax.Array]:
+def _weight(n: int, k: int, seed: int, quant_type: str = "nf4",
+            blocksize: int = 64) -> tuple[QuantizedTensor, jax.Array]:
     w = jax.random.normal(jax.random.key(seed), (n, k), jnp.bfloat16) * 0.02
-    return quantize(w, "nf4", 64, True), w
+    return quantize(w, quant_type, blocksize, True), w
 
 
-def check_correctness() -> list[str]:
-    """Real Triton compile of every kernel and shape class; returns one line per check."""
-    lines = []
-    for m in (1, 16, 64, 512, 4096):
-        weight, _ = _weight(4096, 4096, m)
-        x = jax.random.normal(jax.random.key(m + 1), (m, 4096), jnp.bfloat16)
-        for name, kernel, reference in [("forward", nf4_matmul, nf4_matmul_reference),
-                                        ("transposed", nf4_matmul_t, nf4_matmul_t_reference)]:
-            got = np.asarray(jax.jit(kernel)(x, weight), np.float32)
-            want = np.asarray(jax.jit(reference)(x, weight), np.float32)
-            error = np.abs(got - want).max() / np.abs(want).max()
-            ok = np.isfinite(got).all() and error <= TOLERANCE
-            lines.append(f"- {name} M={m}: relative error {error:.2e} ({'ok' if ok else 'FAIL'})")
-            if not ok:
-                raise SystemExit("\n".join(lines) + f"\nerror: {name} kernel disagrees with the XLA reference")
-    return lines
+def check_correctness(cases, report: Report, interpret: bool) -> bool:
+    """Compile and compare every kernel on every case in bf16 and f16; one report line per check."""
+    ok_all = True
+    for seed, (m, n, k, quant_type, blocksize) in enumerate(cases):
+        weight, _ = _weight(n, k, 100 + seed, quant_type, blocksize)
+        for dtype in (jnp.bfloat16, jnp.float16):
+            key_x, key_dy = jax.random.split(jax.random.key(200 + seed))
+            x = jax.random.normal(key_x, (m, k), dtype)
+            dy = jax.random.normal(key_dy, (m, n), dtype)
+            for name, kernel, reference, a in [("forward" if m > 16 else "split-K decode", nf4_matmul,
+                                                nf4_matmul_reference, x),
+                                               ("transposed", nf4_matmul_t, nf4_matmul_t_reference, dy)]:
+                got = np.asarray(jax.jit(functools.partial(kernel, interpret=interpret))(a, weight), np.float32)
+                want = np.asarray(jax.jit(reference)(a, weight), np.float32)
+                error = np.abs(got - want).max() / np.abs(want).max()
+                ok = bool(np.isfinite(got).all()) and error <= TOLERANCE[jnp.dtype(dtype).name]
+                ok_all &= ok
+                report(f"- {name} M={m} N={n} K={k} {quant_type} blocksize {blocksize} {jnp.dtype(dtype).name}: "
+                       f"relative error {error:.2e} ({'ok' if ok else 'FAIL'})")
+    return ok_all
 
 
 def _row(label: str, m: int, n: int, k: int, seconds: dict[str, float]) -> str:
@@ -85,25 +104,23 @@ HEADER = ("| layer (N x K) | M | pallas us | vs bf16 | TFLOP/s | GB/s | xla us |
           "| bf16 us | vs bf16 | TFLOP/s | GB/s |\n|" + "---|" * 14)
 
 
-def bench_table(m_values, shapes, transposed: bool) -> list[str]:
+def bench_table(m_values, shapes, transposed: bool, report: Report, interpret: bool, repeats: int) -> None:
     kernel, reference = (nf4_matmul_t, nf4_matmul_t_reference) if transposed else (nf4_matmul, nf4_matmul_reference)
+    kernel = functools.partial(kernel, interpret=interpret)
     bf16_dot = jax.jit(lambda a, w: a @ w if transposed else a @ w.T)
-    lines = [HEADER]
+    report(HEADER)
     for label, (n, k) in shapes.items():
         weight, dense = _weight(n, k, 0)
         for m in m_values:
             a = jax.random.normal(jax.random.key(m), (m, n if transposed else k), jnp.bfloat16)
-            seconds = {"pallas": _median_seconds(jax.jit(kernel), a, weight),
-                       "xla": _median_seconds(jax.jit(reference), a, weight),
-                       "bf16": _median_seconds(bf16_dot, a, dense)}
-            lines.append(_row(f"{label} ({n} x {k})", m, n, k, seconds))
-            print(lines[-1], flush=True)
-    return lines
+            seconds = {"pallas": _median_seconds(jax.jit(kernel), a, weight, repeats=repeats),
+                       "xla": _median_seconds(jax.jit(reference), a, weight, repeats=repeats),
+                       "bf16": _median_seconds(bf16_dot, a, dense, repeats=repeats)}
+            report(_row(f"{label} ({n} x {k})", m, n, k, seconds))
 
 
-def sweep() -> list[str]:
+def sweep(report: Report) -> None:
     """Time candidate tile sizes for each shape class of ``TUNED`` on LLaMA-7B's gate/up shape."""
-    lines = []
     weight, _ = _weight(11008, 4096, 0)
     for max_m, tuned in TUNED:
         m = min(max_m, 4096)
@@ -123,39 +140,51 @@ def sweep() -> list[str]:
                             continue
                         results.append((t, sizes))
         best_t, best = min(results, key=lambda r: r[0])
-        lines.append(f"- M <= {max_m}: best {best} at {best_t * 1e6:.1f} us (tuned entry: {tuned})")
-        print(lines[-1], flush=True)
-    return lines
+        report(f"- M <= {max_m}: best {best} at {best_t * 1e6:.1f} us (tuned entry: {tuned})")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) to this file, line by line")
+    parser.add_argument("--check", action="store_true", help="only the correctness checks")
+    parser.add_argument("--skip-check", action="store_true", help="time only (the checks ran in another call)")
     parser.add_argument("--sweep", action="store_true", help="time tile sizes instead of printing the table")
-    parser.add_argument("--quick", action="store_true", help="only the LLaMA-7B shapes")
+    parser.add_argument("--shapes", default="7b,70b", help="comma-separated: 7b, 70b")
+    parser.add_argument("--m", type=_ints, default=M_VALUES, help="rows of activations, comma-separated")
+    parser.add_argument("--interpret", action="store_true", help="run the kernels in Pallas' interpreter (any backend)")
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
-        print(f"error: bench_kernels.py needs a CUDA GPU; this backend is {jax.default_backend()!r}", file=sys.stderr)
-        return 2
-    device = jax.devices()[0]
-    report = [f"# 4-bit matmul kernels on {device.device_kind}", "",
-              f"jax {jax.__version__}, NF4 + double quant, blocksize 64, bf16 activations; "
-              f"`python scripts/bench_kernels.py{' --sweep' if args.sweep else ''}`", "",
-              "## Triton compile + correctness vs the XLA reference", ""]
-    report += check_correctness()
+    prefixes = tuple(p.strip().upper() + " " for p in args.shapes.split(","))
+    if not set(prefixes) <= {"7B ", "70B "}:
+        return fail(f"--shapes {args.shapes!r}: expected a comma-separated list of 7b, 70b")
+    if jax.default_backend() != "gpu" and not args.interpret:
+        return fail(f"bench_kernels.py needs a CUDA GPU (or --interpret); this backend is {jax.default_backend()!r}")
+    report = Report(args.out)
+    where = jax.devices()[0].device_kind + (" (Pallas interpreter)" if args.interpret else "")
+    report(f"# 4-bit matmul kernels on {where}",
+           "", f"jax {jax.__version__}, blocksize 64 unless stated, double quant; `python scripts/bench_kernels.py "
+           f"{' '.join(sys.argv[1:])}`")
+    if not args.skip_check:
+        report("", "## Triton compile + correctness vs the XLA reference", "")
+        if not check_correctness(TINY_CASES if args.interpret else EDGE_CASES + LARGE_CASES, report, args.interpret):
+            print("error: a kernel disagrees with its XLA reference", file=sys.stderr)
+            return 1
+    if args.check:
+        return 0
     if args.sweep:
-        report += ["", "## Tile sweep", ""] + sweep()
-    else:
-        shapes = {k: v for k, v in SHAPES.items() if k.startswith("7B")} if args.quick else SHAPES
-        report += ["", "## y = x @ dequant(W).T (forward and decode)", ""]
-        report += bench_table(M_VALUES, shapes, transposed=False)
-        report += ["", "## dx = dy @ dequant(W) (backward)", ""]
-        report += bench_table((512, 4096), shapes, transposed=True)
-    text = "\n".join(report) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        report("", "## Tile sweep", "")
+        sweep(report)
+        return 0
+    shapes = TINY_SHAPES if args.interpret else {k: v for k, v in SHAPES.items() if k.startswith(prefixes)}
+    repeats = 2 if args.interpret else 10
+    report("", "## y = x @ dequant(W).T (forward; M <= 16 decodes through split-K)", "")
+    bench_table(args.m, shapes, transposed=False, report=report, interpret=args.interpret, repeats=repeats)
+    report("", "## dx = dy @ dequant(W) (backward)", "")
+    bench_table([m for m in args.m if m >= 512] or args.m[-1:], shapes, transposed=True, report=report,
+                interpret=args.interpret, repeats=repeats)
     return 0
 
 

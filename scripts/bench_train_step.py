@@ -1,14 +1,22 @@
-"""Time one jitted QLoRA training step against 16-bit LoRA on the same model and batch.
+"""Time one jitted QLoRA training step against 16-bit LoRA on the same model and batch; optionally its memory.
 
-    python scripts/bench_train_step.py [--out benchmarks/results/bench_train_step_cpu.md]
+    python scripts/bench_train_step.py [--model smollm2|tinyllama-1.1b|llama-7b|tiny] [--out FILE]
+    python scripts/bench_train_step.py --variants pallas --memory     # one variant: peak device memory
 
-Variants, measured side by side in one process: quant=nf4 + double quant with the
-XLA kernel (dequantize + dot), with the Pallas kernels (GPU only), and quant=none
-(bf16 base, 16-bit LoRA). Each variant compiles once, runs ``--warmup`` steps, then
-``--steps`` timed steps; the table gives the median step time, tokens/s and the
-throughput relative to 16-bit LoRA. The model is SmolLM2-135M-Instruct (real
-weights) on CPU, and a random LLaMA-shaped 1.1B model (TinyLlama's shape) on GPU, or
-whichever ``--model`` names. Adapters: r=16 on all linear layers, AdamW.
+Variants, measured side by side in one process: ``xla`` (NF4 + double quant, XLA
+dequantize + dot), ``pallas`` (the fused kernels; GPU only) and ``bf16`` (16-bit LoRA on a
+bf16 base). Each compiles once, runs ``--warmup`` steps, then ``--steps`` timed steps; the
+table gives the median step time, tokens/s and the throughput relative to the first
+variant (16-bit LoRA by default). Layers run as ``train`` runs them: ``lax.scan`` over the
+decoder layers, the chosen checkpointing, loss chunk 128. The model is SmolLM2-135M-Instruct
+(real weights) on CPU, a random TinyLlama-1.1B-shaped model on GPU, or any preset of
+``qlora_jax.memory`` with random weights. Adapters: r=16 on all linear layers, AdamW.
+
+``--memory`` (one variant per process, since a device's peak counts the whole process):
+XLA's analysis of the compiled step (arguments, temporaries, outputs, aliased by
+donation), the measured ``memory_stats()["peak_bytes_in_use"]`` after the timed steps
+(GPU; the CPU backend does not count), and ``python -m qlora_jax.memory``'s formula for the
+same shape (XLA attention, as the model runs it today), each in MiB.
 """
 
 import argparse
@@ -20,17 +28,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from bench_common import RANDOM_MODELS, Report, fail
 from flax import nnx
 
 from qlora_jax import assets
-from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.config import LoraConfig, QuantConfig
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import LoRAParam
+from qlora_jax.memory import StepShape, training_memory
 from qlora_jax.train import make_train_step
 
-TINYLLAMA_1B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, head_dim=64,
-                           rms_norm_eps=1e-5)
+VARIANTS = {
+    "xla": ("QLoRA nf4+dq, xla kernel", QuantConfig("nf4", 64, True, kernel="xla")),
+    "pallas": ("QLoRA nf4+dq, pallas kernel", QuantConfig("nf4", 64, True, kernel="pallas")),
+    "bf16": ("16-bit LoRA (bf16 base)", QuantConfig("none")),
+}
+LORA = LoraConfig(rank=16, alpha=32, dropout=0.0)
+LOSS_CHUNK = 128
 
 
 def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype):
@@ -38,77 +52,99 @@ def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype):
         return load_model(assets.prepared_smollm2(), quant=quant.quant_type, blocksize=quant.blocksize,
                           double_quant=quant.double_quant, kernel=quant.kernel, lora=lora,
                           compute_dtype=compute_dtype)
-    return random_model(TINYLLAMA_1B, quant=quant, lora=lora, compute_dtype=compute_dtype)
+    return random_model(RANDOM_MODELS[name], quant=quant, lora=lora, compute_dtype=compute_dtype)
 
 
 def time_variant(args, quant: QuantConfig, compute_dtype) -> dict:
-    lora = LoraConfig(rank=16, alpha=32, dropout=0.0)
-    model = build_model(args.model, quant, lora, compute_dtype)
+    model = build_model(args.model, quant, LORA, compute_dtype)
     model.remat = args.checkpointing
+    model.scan_layers = True
+    config = model.config
     graphdef, lora_params, frozen = nnx.split(model, LoRAParam, ...)
-    vocab = model.config.vocab_size
     del model
     tx = optax.adamw(1e-4)
     opt_state = tx.init(lora_params)
-    step = make_train_step(graphdef, tx, donate=jax.default_backend() != "cpu")
-    ids = jax.random.randint(jax.random.key(0), (1, args.batch, args.seq_len), 0, vocab)
+    step = make_train_step(graphdef, tx, donate=jax.default_backend() != "cpu", loss_chunk=LOSS_CHUNK)
+    ids = jax.random.randint(jax.random.key(0), (1, args.batch, args.seq_len), 0, config.vocab_size)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
     key = jax.random.key(1)
     start = time.perf_counter()
-    lora_params, opt_state, metrics = step(lora_params, opt_state, frozen, batch, key)
+    compiled = step.lower(lora_params, opt_state, frozen, batch, key).compile()
+    lora_params, opt_state, metrics = compiled(lora_params, opt_state, frozen, batch, key)
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - start
     for _ in range(args.warmup):
-        lora_params, opt_state, metrics = step(lora_params, opt_state, frozen, batch, key)
+        lora_params, opt_state, metrics = compiled(lora_params, opt_state, frozen, batch, key)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        lora_params, opt_state, metrics = step(lora_params, opt_state, frozen, batch, key)
+        lora_params, opt_state, metrics = compiled(lora_params, opt_state, frozen, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_second": args.batch * args.seq_len / seconds,
-            "compile_seconds": compile_seconds, "loss": float(metrics["loss"])}
+    result = {"seconds": seconds, "tokens_per_second": args.batch * args.seq_len / seconds,
+              "compile_seconds": compile_seconds, "loss": float(metrics["loss"])}
+    if args.memory:
+        result["memory"] = _memory(compiled, config, quant, args, compute_dtype)
+    return result
+
+
+def _memory(compiled, config, quant: QuantConfig, args, compute_dtype) -> dict[str, float | None]:
+    """MiB: XLA's count for the compiled step, the measured peak (None where the backend keeps no count), formula."""
+    analysis = compiled.memory_analysis()
+    stats = jax.devices()[0].memory_stats() or {}
+    shape = StepShape(args.batch, args.seq_len, args.checkpointing, loss_chunk=LOSS_CHUNK,
+                      compute_bytes=jnp.dtype(compute_dtype).itemsize, flash_attention=False)
+    parts = {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes,
+             "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes}
+    parts["compiled peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
+    parts["measured peak"] = stats.get("peak_bytes_in_use")
+    parts["formula"] = training_memory(config, quant, LORA, shape)["total"]
+    return {name: None if value is None else value / 2**20 for name, value in parts.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = jax.default_backend() == "gpu"
-    parser.add_argument("--model", choices=("smollm2", "tinyllama-1b-random"),
-                        default="tinyllama-1b-random" if on_gpu else "smollm2")
+    parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS),
+                        default="tinyllama-1.1b" if on_gpu else "smollm2")
+    parser.add_argument("--variants", default="bf16,xla,pallas" if on_gpu else "bf16,xla",
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int, default=8 if on_gpu else 4)
     parser.add_argument("--seq-len", type=int, default=512 if on_gpu else 128)
     parser.add_argument("--checkpointing", choices=("none", "layer", "layer_save_dots"), default="layer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 5)
-    parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    parser.add_argument("--memory", action="store_true", help="report compiled, measured and predicted memory")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) to this file, line by line")
     args = parser.parse_args()
+    names = [v.strip() for v in args.variants.split(",")]
+    if not names or not set(names) <= set(VARIANTS):
+        return fail(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
+    if "pallas" in names and not on_gpu:
+        return fail("the pallas variant needs a CUDA GPU (on CPU the kernels only run interpreted, in tests)")
+    if args.memory and len(names) != 1:
+        return fail("--memory measures one variant per process (a device's peak counts the whole process)")
     compute_dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    variants = {"QLoRA nf4+dq, xla kernel": QuantConfig("nf4", 64, True, kernel="xla")}
-    if on_gpu:
-        variants["QLoRA nf4+dq, pallas kernel"] = QuantConfig("nf4", 64, True, kernel="pallas")
-    variants["16-bit LoRA (bf16 base)"] = QuantConfig("none")
-    results = {}
-    for name, quant in variants.items():
-        results[name] = time_variant(args, quant, compute_dtype)
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-    baseline = results["16-bit LoRA (bf16 base)"]["tokens_per_second"]
-    device = jax.devices()[0].device_kind
-    lines = [f"# One training step, QLoRA vs 16-bit LoRA, on {device}", "",
-             f"jax {jax.__version__}; model {args.model}; batch {args.batch} x {args.seq_len} tokens; "
-             f"{jnp.dtype(compute_dtype).name} compute; gradient checkpointing {args.checkpointing}; LoRA r=16 on "
-             f"all linear layers; median of {args.steps} steps after {args.warmup} warm-up steps", "",
-             "| variant | step s | tokens/s | vs 16-bit LoRA | compile s | loss |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_second']:.0f} | "
-                     f"{r['tokens_per_second'] / baseline:.2f}x | {r['compile_seconds']:.0f} | {r['loss']:.4f} |")
-    lines += ["", f"`python scripts/bench_train_step.py{' --out ' + str(args.out) if args.out else ''}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    report = Report(args.out)
+    report(f"# One training step, QLoRA vs 16-bit LoRA, on {jax.devices()[0].device_kind}", "",
+           f"jax {jax.__version__}; model {args.model}; batch {args.batch} x {args.seq_len} tokens; "
+           f"{jnp.dtype(compute_dtype).name} compute; layers scanned, gradient checkpointing {args.checkpointing}, "
+           f"loss chunk {LOSS_CHUNK}; LoRA r={LORA.rank} on all linear layers, AdamW; median of {args.steps} steps "
+           f"after {args.warmup} warm-up steps; `python scripts/bench_train_step.py {' '.join(sys.argv[1:])}`", "",
+           "| variant | step s | tokens/s | vs " + VARIANTS[names[0]][0] + " | compile s | loss |",
+           "|---|---|---|---|---|---|")
+    baseline = None
+    for name in names:  # each row as soon as it is measured: a run cut short keeps the finished variants
+        r = time_variant(args, VARIANTS[name][1], compute_dtype)
+        baseline = baseline or r["tokens_per_second"]
+        report(f"| {VARIANTS[name][0]} | {r['seconds']:.3f} | {r['tokens_per_second']:.0f} | "
+               f"{r['tokens_per_second'] / baseline:.2f}x | {r['compile_seconds']:.0f} | {r['loss']:.4f} |")
+        if "memory" in r:
+            report("", f"## Memory of one step: {VARIANTS[name][0]} (MiB)", "",
+                   "| " + " | ".join(r["memory"]) + " |", "|" + "---|" * len(r["memory"]),
+                   "| " + " | ".join("n/a" if v is None else f"{v:.1f}" for v in r["memory"].values()) + " |")
     return 0
 
 
