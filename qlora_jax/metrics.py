@@ -1,88 +1,41 @@
-"""Run metrics: JSON Lines, TensorBoard event files and a loss-curve PNG, with no extra dependencies.
+"""Run metrics: JSON Lines, TensorBoard event files (tensorboardX) and a loss-curve PNG (drawn here).
 
-TensorBoard's format: each record is ``u64 length, u32 masked-crc32c(length), data,
-u32 masked-crc32c(data)``; ``data`` is an ``Event`` protobuf (wall_time = field 1,
-step = 2, file_version = 3, summary = 5 holding ``Value{tag = 1, simple_value = 2}``).
+A resumed run drops what the killed run logged after its checkpoint: ``metrics.jsonl``
+is truncated, and the new TensorBoard event file starts with a ``SessionLog.START`` at
+the first step after the checkpoint (``purge_step``), which makes TensorBoard discard the
+points of earlier event files from that step on (its "out of order step" purge), so each
+step is shown once.
 """
 
 import json
-import socket
 import struct
 import time
 import zlib
 from pathlib import Path
 
+from tensorboardX import SummaryWriter
+
 from . import atomic
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, *, summary: dict[str, float] | None = None, file_version: str | None = None) -> bytes:
-    out = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint(2 << 3 | 0) + _varint(step)
-    if file_version is not None:
-        out += _length_delimited(3, file_version.encode())
-    if summary:
-        values = b"".join(_length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5)
-                                            + struct.pack("<f", value)) for tag, value in summary.items())
-        out += _length_delimited(5, values)
-    return out
-
-
 class MetricsWriter:
-    """Appends step metrics to ``metrics.jsonl`` and a TensorBoard event file in ``run_dir``."""
+    """Appends step metrics to ``metrics.jsonl`` and to a new TensorBoard event file in ``run_dir``.
 
-    def __init__(self, run_dir: Path):
+    ``purge_step``: the first step this process logs after resuming (TensorBoard hides earlier
+    files' points from it on); None for a fresh run.
+    """
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.events = open(run_dir / name, "ab")  # noqa: SIM115 -- closed in close()
-        self._record(_event(0, file_version="brain.Event:2"))
-
-    def _record(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self.events.write(header + struct.pack("<I", _masked_crc(header)) + data
-                          + struct.pack("<I", _masked_crc(data)))
+        # A suffix per writer: a run resumed within the same second must not reuse (and overwrite) a file name.
+        self.events = SummaryWriter(str(run_dir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
-        self._record(_event(step, summary={k: float(v) for k, v in values.items() if isinstance(v, (int, float))}))
+        for tag, value in values.items():
+            if isinstance(value, (int, float)):
+                self.events.add_scalar(tag, float(value), step)
         self.events.flush()
 
     def close(self) -> None:

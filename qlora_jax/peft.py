@@ -104,4 +104,8 @@ def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: Path) -> None:
             if tensors[name].shape != variable.get_value().shape:
                 raise ValueError(f"{adapter_dir}: {name} has shape {tensors[name].shape}, the model expects "
                                  f"{variable.get_value().shape} (different base model or rank?)")
-            variable.set_value(jnp.asarray(tensors[name], jnp.float32))
+            values = np.asarray(tensors[name], np.float32)
+            if not np.isfinite(values).all():
+                raise ValueError(f"{weights}: tensor {name!r} holds {np.count_nonzero(~np.isfinite(values))} NaN/Inf "
+                                 "values (the adapter was saved from a diverged run?)")
+            variable.set_value(jnp.asarray(values))

@@ -13,7 +13,6 @@ environment), all of them save the checkpoints together and process 0 writes the
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -43,6 +42,7 @@ from .lora import LoRAParam
 from .loss import token_loss
 from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_png
 from .peft import load_peft_adapter, save_peft_adapter
+from .resume import check_resume
 from .tokenizer import load_tokenizer
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": assets.prepared_smollm2}
@@ -141,18 +141,6 @@ def _held_out_loss(eval_step, lora, frozen, batches) -> float:
     return total / max(count, 1)
 
 
-def _check_resume(run_dir: Path, config: RunConfig) -> None:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    previous = load_run_config(saved)
-    previous = dataclasses.replace(previous, quant=dataclasses.replace(previous.quant, kernel=config.quant.kernel))
-    for section in ("model", "quant", "lora", "data"):  # the kernel may change: it does not change the results
-        if getattr(previous, section) != getattr(config, section):
-            raise ConfigError(f"{run_dir} holds a run with a different {section!r} section ({saved}); "
-                              f"use another train.run_name or delete the run directory to start over")
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped before its last step for a reason the user can fix (the message says which)."""
 
@@ -222,26 +210,44 @@ def _check_free_space(location: Path, lora, opt_state, keep: int) -> None:
                           f"need about {needed / 2**20:.0f} MiB (lower train.keep_checkpoints or free space)")
 
 
-def _load(config: RunConfig, log, mesh):
-    """Everything read from the inputs, all validated before the run directory is touched."""
+def _read_inputs(config: RunConfig, log):
+    """The model directory, tokenizer and data, validated before anything is loaded onto devices or written."""
     model_dir = resolve_model_dir(config.model.path)
-    compute_dtype = resolve_compute_dtype(config.model.compute_dtype)
     tokenizer = load_tokenizer(model_dir)
     dataset = load_dataset(config.data, tokenizer, config.train.seed)
     log(f"data: {len(dataset.train)} train / {len(dataset.eval)} held-out examples; {dataset.truncated} truncated "
         f"to the length limits, {dataset.dropped} dropped (no target token within the limits), "
         f"{dataset.skipped} malformed skipped")
-    q = config.quant
-    model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                       lora=config.lora, compute_dtype=compute_dtype, seed=config.train.seed, verbose=True,
-                       kernel=q.kernel, mesh=mesh)
-    if config.model.adapter:
-        load_peft_adapter(model, Path(config.model.adapter).expanduser())
     if config.train.mmlu_every and not (Path(config.train.mmlu_dir).expanduser() / "test").is_dir():
         raise FileNotFoundError(f"train.mmlu_dir={config.train.mmlu_dir!r} has no test/ directory (MMLU's layout)")
+    return model_dir, tokenizer, dataset
+
+
+def _load_model(config: RunConfig, model_dir: Path, mesh):
+    q = config.quant
+    model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
+                       lora=config.lora, compute_dtype=resolve_compute_dtype(config.model.compute_dtype),
+                       seed=config.train.seed, verbose=True, kernel=q.kernel, mesh=mesh)
+    if config.model.adapter:
+        load_peft_adapter(model, Path(config.model.adapter).expanduser())
     model.remat = config.train.gradient_checkpointing
     model.scan_layers = config.train.scan_layers
-    return model_dir, tokenizer, dataset, model
+    return model
+
+
+def _restore(run_dir: Path, step: int, lora, opt_state):
+    """The state of checkpoint ``step``, read before anything is written; a damaged one is refused, named."""
+    checkpoints = Checkpoints(run_dir, 1)
+    try:
+        state, meta = checkpoints.restore(step, {"lora": lora, "opt_state": opt_state})
+    except Exception as err:  # orbax/tensorstore raise many types for damaged files; all mean the same here
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{run_dir}/checkpoints/step_{step} cannot be restored ({reason}); delete that directory "
+                          "to resume from the checkpoint before it, or use --set train.run_name=NEW_NAME to start "
+                          "over") from None
+    finally:
+        checkpoints.close()
+    return state["lora"], state["opt_state"], meta["data"]
 
 
 def train(config: RunConfig, log=print) -> dict:
@@ -253,17 +259,20 @@ def train(config: RunConfig, log=print) -> dict:
     """
     run_dir = config.train.run_dir
     resume_step = latest_checkpoint(run_dir)
-    if resume_step is not None:
-        _check_resume(run_dir, config)
     location = _check_output_location(run_dir)
     mesh = _make_mesh(config)
-    model_dir, tokenizer, dataset, model = _load(config, log, mesh)
+    model_dir, tokenizer, dataset = _read_inputs(config, log)
+    if resume_step is not None:  # after the inputs themselves: a bad model.path is reported as such
+        check_resume(run_dir, config, resume_step)
+    model = _load_model(config, model_dir, mesh)
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     tx, schedule = config.optimizer.build(config.train.steps)
     opt_state = tx.init(lora)
     if mesh is not None:
         lora, opt_state = parallel.replicate(lora, mesh), parallel.shard_optimizer_state(opt_state, mesh)
     _check_free_space(location, lora, opt_state, config.train.keep_checkpoints)
+    if resume_step is not None:
+        lora, opt_state, data_position = _restore(run_dir, resume_step, lora, opt_state)
 
     primary = parallel.is_primary()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,20 +284,20 @@ def train(config: RunConfig, log=print) -> dict:
     iterator = BatchIterator(dataset.train, config.train.batch_size, config.train.grad_accum, config.train.seed,
                              config.data.group_by_length, tokenizer.pad_id, max_length, config.data.bucket)
     if resume_step is not None:
-        state, meta = checkpoints.restore(resume_step, {"lora": lora, "opt_state": opt_state})
-        lora, opt_state = state["lora"], state["opt_state"]
-        iterator.restore(meta["data"])
+        iterator.restore(data_position)
         if primary:
             truncate_metrics(run_dir, resume_step)
         log(f"resumed from {run_dir}/checkpoints/step_{resume_step}")
-    elif primary:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    elif primary:  # a fresh run starts fresh logs (a run killed before its first checkpoint leaves some)
+        for stale in [run_dir / "metrics.jsonl", *run_dir.glob("events.out.tfevents.*")]:
+            stale.unlink(missing_ok=True)
     offload = config.optimizer.offload
     if offload != "none":
         opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
     if offload == "host_with_params":
         lora = jax.device_put(lora, jax.memory.Space.Host)
-    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir, tokenizer, mesh)
+    loop = _Loop(config, graphdef, frozen, schedule, checkpoints, iterator, run_dir, tokenizer, mesh,
+                 purge_step=None if resume_step is None else resume_step + 1)
     loop.held_out = [loop.to_devices(batch) for batch in eval_batches(
         dataset.eval, config.train.batch_size, tokenizer.pad_id, max_length, config.data.bucket,
         config.train.eval_batches)]
@@ -319,12 +328,12 @@ class _Loop:
     """The step loop: logging, evaluation, checkpoints, non-finite steps and stop signals."""
 
     def __init__(self, config: RunConfig, graphdef, frozen, schedule, checkpoints: Checkpoints,
-                 iterator: BatchIterator, run_dir: Path, tokenizer, mesh):
+                 iterator: BatchIterator, run_dir: Path, tokenizer, mesh, purge_step: int | None):
         self.config, self.frozen, self.schedule = config, frozen, schedule
         self.checkpoints, self.iterator, self.run_dir = checkpoints, iterator, run_dir
         self.graphdef, self.mesh = graphdef, mesh
         self.eval_step = make_eval_step(graphdef, config.train.loss_chunk)
-        self.writer = MetricsWriter(run_dir) if parallel.is_primary() else None
+        self.writer = MetricsWriter(run_dir, purge_step) if parallel.is_primary() else None
         self.held_out: list = []
         self.tokenizer = tokenizer  # MMLU prompts
         self.initial_eval_loss = None
@@ -420,7 +429,7 @@ class _Loop:
         progress.close()
         self.wall = time.perf_counter() - started
         self.compilations = train_step._cache_size()  # one per padded length bucket seen
-        if not evaluated_last:  # the last step was not an evaluation step (or the run was already finished)
+        if not evaluated_last and start < settings.steps:  # (a finished run resumed has its final evaluation)
             final = self.evaluate(lora)
             self.record(settings.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
         return lora

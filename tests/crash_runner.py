@@ -7,6 +7,7 @@ POINT:
   save     SIGKILL inside the COUNT-th checkpoint save: orbax has written the step's files
            into its temporary directory and has not renamed it into place
   export   SIGKILL inside the final adapter export, after its tensors are written
+  convert  SIGKILL inside the first-use conversion of the built-in GGUF model, after model.safetensors
   sigterm  send SIGTERM to ourselves after the COUNT-th step (the run should save and exit)
   sigint   the same with SIGINT (Ctrl-C)
   none     run normally
@@ -18,7 +19,7 @@ import sys
 
 from orbax.checkpoint._src.handlers.composite_checkpoint_handler import CompositeCheckpointHandler
 
-from qlora_jax import peft, train
+from qlora_jax import gguf_import, peft, train
 
 
 def _kill() -> None:
@@ -54,6 +55,8 @@ def main() -> int:
         CompositeCheckpointHandler.finalize = lambda self, directory: finalize(self, directory)
     elif point == "export":
         peft.save_file = _After(peft.save_file, count, _kill)
+    elif point == "convert":
+        gguf_import.save_streaming = _After(gguf_import.save_streaming, count, _kill)
     elif point in ("sigterm", "sigint"):
         signum = signal.SIGTERM if point == "sigterm" else signal.SIGINT
         train.make_train_step = lambda *a, **k: _After(make_train_step(*a, **k), count,

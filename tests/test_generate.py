@@ -59,7 +59,7 @@ def test_generate_cli(tiny_chat_model, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == lines[0]["completion"].strip()
     prompts.write_text("{oops\n")
     assert main(["--model", str(tiny_chat_model), "--prompts", str(prompts)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {prompts}:1: invalid JSON line")
+    assert capsys.readouterr().err.startswith(f"error: {prompts}:1: invalid JSON on line 1, column 2: Expecting")
 
 
 @pytest.mark.parametrize("name", ["llama3_rope", "mistral_window", "qwen2_bias_tied", "llama_headdim_linear"])
@@ -71,3 +71,22 @@ def test_greedy_equals_transformers_greedy(name):
     mask = jnp.asarray(reference["attention_mask"], bool)
     tokens = generate_ids(model, ids, mask, max_new_tokens=12, sampling=Sampling())
     assert np.asarray(tokens).tolist() == reference["new_tokens"][name]
+
+
+def test_generate_refuses_an_adapter_of_another_base_model(tiny_chat_model, tmp_path, capsys):
+    import dataclasses
+
+    from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+    from qlora_jax.loading import random_model
+    from qlora_jax.peft import save_peft_adapter
+
+    config = ModelConfig.from_hf_dict(json.loads((tiny_chat_model / "config.json").read_text()))
+    other = random_model(dataclasses.replace(config, intermediate_size=96), quant=QuantConfig("none"),
+                         lora=LoraConfig(rank=4, alpha=8.0), seed=3)
+    adapter = save_peft_adapter(other, tmp_path / "adapter", "another-base")
+    capsys.readouterr()
+    assert main(["--model", str(tiny_chat_model), "--adapter", str(adapter), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {adapter}: base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight has shape "
+                          "(96, 4), the model expects (128, 4) (different base model or rank?)"), err

@@ -1,31 +1,42 @@
-"""Run outputs written without extra dependencies: TensorBoard records, metrics.jsonl, the PNG."""
+"""Run outputs: TensorBoard event files read back with TensorBoard's own reader, metrics.jsonl, the PNG."""
 
 import struct
 import zlib
 
-from qlora_jax.metrics import MetricsWriter, _masked_crc, crc32c, read_metrics, write_loss_png
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlora_jax.metrics import MetricsWriter, read_metrics, write_loss_png
 
 
-def test_crc32c_known_value():
-    assert crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    """What TensorBoard shows for ``tag`` in ``run_dir`` (all event files, purges applied)."""
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
 
 
-def test_event_file_records_have_valid_crcs_and_scalars(tmp_path):
+def test_tensorboard_reads_the_scalars_and_jsonl_the_records(tmp_path):
     writer = MetricsWriter(tmp_path)
     writer.write(3, {"loss": 1.5, "lr": 0.001})
+    writer.write(4, {"loss": 1.25, "lr": 0.001})
     writer.close()
-    [events] = tmp_path.glob("events.out.tfevents.*")
-    data, records = events.read_bytes(), []
-    while data:
-        (length,) = struct.unpack("<Q", data[:8])
-        assert struct.unpack("<I", data[8:12])[0] == _masked_crc(data[:8])
-        payload = data[12:12 + length]
-        assert struct.unpack("<I", data[12 + length:16 + length])[0] == _masked_crc(payload)
-        records.append(payload)
-        data = data[16 + length:]
-    assert len(records) == 2 and b"brain.Event:2" in records[0]
-    assert b"loss" in records[1] and struct.pack("<f", 1.5) in records[1]
-    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.5, "lr": 0.001}]
+    assert scalars(tmp_path, "loss") == [(3, 1.5), (4, 1.25)]
+    assert [(step, round(value, 6)) for step, value in scalars(tmp_path, "lr")] == [(3, 0.001), (4, 0.001)]
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.5, "lr": 0.001}, {"step": 4, "loss": 1.25, "lr": 0.001}]
+
+
+def test_a_resumed_writer_hides_the_points_logged_after_the_checkpoint(tmp_path):
+    killed = MetricsWriter(tmp_path)
+    for step in range(1, 7):  # the killed run logged steps 1-6; its checkpoint is step 4
+        killed.write(step, {"loss": float(step)})
+    killed.close()
+    resumed = MetricsWriter(tmp_path, purge_step=5)
+    for step in range(5, 9):
+        resumed.write(step, {"loss": 10.0 + step})
+    resumed.close()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    assert scalars(tmp_path, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0), (7, 17.0),
+                                         (8, 18.0)]
 
 
 def test_loss_png_is_a_valid_png(tmp_path):

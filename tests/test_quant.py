@@ -222,3 +222,13 @@ def test_from_bnb_rejects_wrong_packed_size():
     message = r"l.weight: expected u8 with 64 elements for shape \(2, 64\), got uint8 with 10"
     with pytest.raises(ValueError, match=message):
         from_bnb_state_dict(state, "l.")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_all_zero_tensor_decodes_to_exact_zeros(quant_type, blocksize):
+    """The documented all-zero difference (quant/blockwise.py): only the stored offset bits differ from bnb."""
+    q = quantize(jnp.zeros((16, 96)), quant_type, blocksize, True)
+    assert float(q.offset) == 0.0  # bnb: a subnormal ~1e-38, which XLA flushes to zero
+    decoded = np.asarray(dequantize(q, jnp.float32))
+    assert decoded.shape == (16, 96) and not decoded.any() and np.isfinite(decoded).all()

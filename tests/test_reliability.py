@@ -5,7 +5,6 @@ import dataclasses
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import struct
@@ -27,10 +26,11 @@ from flax import nnx
 from qlora_jax import train as train_module
 from qlora_jax.checkpoint import Checkpoints
 from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
-from qlora_jax.config_io import dump_run_config
+from qlora_jax.config_io import dump_run_config, load_run_config
 from qlora_jax.loading import random_model
 from qlora_jax.lora import LoRAParam
 from qlora_jax.peft import save_peft_adapter
+from qlora_jax.safetensors_io import load_file, save_file
 from qlora_jax.train import main, make_train_step, train
 
 RUNNER = Path(__file__).parent / "crash_runner.py"
@@ -147,7 +147,7 @@ def _data(text):
     return make
 
 
-def _adapter(rank=4, alpha=8.0, corrupt_config=False, intermediate_size=None):
+def _adapter(rank=4, alpha=8.0, corrupt_config=False, intermediate_size=None, nan=False):
     def make(inputs):
         config = ModelConfig.from_hf_dict(json.loads((inputs["model"] / "config.json").read_text()))
         if intermediate_size:  # an adapter trained on a differently shaped base model
@@ -156,19 +156,38 @@ def _adapter(rank=4, alpha=8.0, corrupt_config=False, intermediate_size=None):
         adapter = save_peft_adapter(model, inputs["tmp"] / "adapter", "tiny")
         if corrupt_config:
             (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        if nan:  # one value of one tensor, as a diverged run would have saved it
+            tensors = load_file(adapter / "adapter_model.safetensors")
+            name = sorted(tensors)[3]
+            tensors[name] = tensors[name].copy()
+            tensors[name].flat[5] = np.nan
+            save_file(tensors, adapter / "adapter_model.safetensors")
         return {"overrides": [f"model.adapter={adapter}", f"lora.alpha={8.0}"]}
     return make
 
 
-def _changed_resume(inputs):
-    """A run directory as a run with the default settings leaves it: its config and a checkpoint."""
-    run_dir = inputs["out"] / "run"
-    run_dir.mkdir(parents=True)
-    dump_run_config(train_config(inputs["model"], inputs["data"], run_dir), run_dir / "config.yaml")
-    checkpoints = Checkpoints(run_dir, 1)
-    checkpoints.save(1, {"lora": np.zeros(4, np.float32)}, {"step": 1})
-    checkpoints.close()
-    return {"overrides": ["lora.rank=8"], "existing_run": True}
+def _existing_run(*changes: str, step: int = 2):
+    """A run directory as this command's earlier run left it (its config, a checkpoint of ``step``); the new run
+    differs by ``changes``."""
+    def make(inputs):
+        run_dir = inputs["out"] / "run"
+        run_dir.mkdir(parents=True)
+        dump_run_config(load_run_config(None, [a for a in _argv(inputs) if a != "--set"]), run_dir / "config.yaml")
+        checkpoints = Checkpoints(run_dir, 1)
+        checkpoints.save(step, {"lora": np.zeros(4, np.float32)}, {"step": step})
+        checkpoints.close()
+        return {"overrides": list(changes)}
+    return make
+
+
+def _truncated_checkpoint(inputs):
+    """A finished 2-step run whose step-2 checkpoint files were cut to half their size."""
+    assert main(_argv(inputs)) == 0
+    files = [p for p in (inputs["out"] / "run" / "checkpoints" / "step_2").rglob("*") if p.is_file()
+             and p.stat().st_size > 64]
+    for path in files:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return {}
 
 
 def _out_dir_is_a_file(inputs):
@@ -251,7 +270,13 @@ BAD_INPUTS = [
     ("pickle checkpoint", _pickle_only, r"holds only pickle checkpoints \['pytorch_model\.bin'\]; .*never unpickles"),
     # data
     ("data file missing", _set("data.path=/nonexistent/data.jsonl"), r"/nonexistent/data\.jsonl"),
-    ("bad JSON line", _data(json.dumps(CHAT_ROW) + "\n{not json\n"), r"chat\.jsonl:2: invalid JSON line"),
+    ("data path is a directory", lambda i: {"overrides": [f"data.path={i['tmp']}"]},
+     r"data\.path .* is a directory; data\.source: file reads a \.json or \.jsonl file \(a datasets "
+     r"save_to_disk directory needs data\.source: hf_disk\)"),
+    ("bad JSON line", _data(json.dumps(CHAT_ROW) + "\n{not json\n"),
+     r"chat\.jsonl:2: invalid JSON on line 2, column 2: Expecting property name enclosed in double quotes$"),
+    ("unterminated JSON string", _data('{"messages": [{"role": "user", "content": "hi}]}\n'),
+     r"chat\.jsonl:1: invalid JSON on line 1, column 43: Unterminated string starting at$"),
     ("record not an object", _data("[1, 2]\n"), r"chat\.jsonl\[0\]: expected a JSON object, got int"),
     ("missing messages", _data(json.dumps({"text": "hi"}) + "\n"), r"chat\.jsonl:1: field 'messages'"),
     ("content wrong type", _data(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n"),
@@ -267,7 +292,25 @@ BAD_INPUTS = [
     ("adapter dir missing", _set("model.adapter=/nonexistent/adapter"), r"/nonexistent/adapter has no adapter_config"),
     ("adapter of another base model", _adapter(intermediate_size=96),
      r"has shape .* the model expects .*different base model"),
-    ("resume with a changed config", _changed_resume, r"holds a run with a different 'lora' section"),
+    ("adapter holding NaN", _adapter(nan=True),
+     r"adapter_model\.safetensors: tensor '.*\.weight' holds 1 NaN/Inf values"),
+    # resuming: the inputs first, then what the existing run allows (resume.py), then its checkpoint
+    ("resume with another lora rank", _existing_run("lora.rank=8"),
+     r"run holds a run trained with lora\.rank=4, this run has lora\.rank=8: .*adapters of that shape.*keep "
+     r"lora\.rank=4 to resume, or to start over instead, use --set train\.run_name=NEW_NAME or delete .*run$"),
+    ("resume with another seed", _existing_run("train.seed=1"),
+     r"trained with train\.seed=0, this run has train\.seed=1: .*held-out split"),
+    ("resume with another batch size", _existing_run("train.batch_size=2"),
+     r"trained with train\.batch_size=4, this run has train\.batch_size=2: .*saved data position"),
+    ("resume with another learning rate", _existing_run("optimizer.lr=0.001"),
+     r"trained with optimizer\.lr=0\.0002, this run has optimizer\.lr=0\.001: .*learning-rate schedule"),
+    ("resume with fewer steps than the checkpoint", _existing_run(step=4),
+     r"train\.steps=2 is smaller than step 4 of the checkpoint in .*run; set train\.steps >= 4"),
+    ("bad model.path beside an existing run", _existing_run("model.path=/nonexistent/model"),
+     r"model\.path '/nonexistent/model' is neither"),
+    ("truncated checkpoint files", _truncated_checkpoint,
+     r"run/checkpoints/step_2 cannot be restored \(.*\); delete that directory to resume from the checkpoint "
+     r"before it"),
     ("--resume without checkpoint", lambda i: {"argv": ["--resume"]}, r"--resume: .* has no checkpoint to resume"),
     ("out_dir is a file", _out_dir_is_a_file, r"train\.out_dir: .*a_file is not a directory"),
 ]
@@ -295,44 +338,103 @@ def test_there_are_at_least_40_bad_inputs():
 
 # --- crashes -------------------------------------------------------------------------------------------
 
-def _run_cli(point: str, count: int, argv: list[str], cache: Path) -> subprocess.CompletedProcess:
+def _run_cli(point: str, count: int, argv: list[str], cache: Path, devices: int = 8) -> subprocess.CompletedProcess:
     """The training CLI in a fresh process that dies at ``point``; compiled steps are shared through ``cache``."""
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(RUNNER), point, str(count), *argv], capture_output=True, text=True,
                           env=env, timeout=600)
 
 
+CRASH_OVERRIDES = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.eval_batches=2",
+                   "optimizer.lr=0.01", "lora.dropout=0.1", "train.grad_accum=2"]
+# (kill point, count in this process, exit status, newest checkpoint afterwards): each point fires, in an order
+# where each run resumes from what the one before left (save_every=2, 8 steps).
+CRASH_SCHEDULE = [
+    ("step", 2, -9, None),   # killed after step 2 returns, before its checkpoint: nothing to resume
+    ("save", 1, -9, None),   # killed inside the step-2 save: orbax's temporary directory is left
+    ("sigterm", 1, 143, 1),  # SIGTERM after step 1: a checkpoint of step 1 on the way out
+    ("sigint", 1, 130, 2),   # resumed at 1; Ctrl-C after step 2, which was a save step anyway
+    ("export", 1, -9, 8),    # resumed at 2, trained to 8, killed inside the adapter export
+    ("none", 0, 0, 8),       # resumed at 8: writes the adapter
+]
+
+
+def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
 @pytest.mark.slow
-def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_adapter(inputs):
-    overrides = ["train.steps=8", "train.save_every=2", "train.eval_every=4", "train.eval_batches=2",
-                 "optimizer.lr=0.01", "lora.dropout=0.1", "train.grad_accum=2"]
-    argv = _argv(inputs, *overrides)
+def test_every_kill_point_fires_and_the_reruns_reach_the_uninterrupted_adapter(inputs):
+    argv = _argv(inputs, *CRASH_OVERRIDES)
     assert main(argv + ["--set", "train.run_name=straight"]) == 0
-    straight, run_dir = inputs["out"] / "straight", inputs["out"] / "run"
-    rng = random.Random(20261128)  # the kill points: random, but the same on every run of the test
-    schedule = ["step", "save", "sigterm", "sigint", "export", "none"]
-    outcomes = []
-    for point in schedule:
+    straight, run_dir, cache = inputs["out"] / "straight", inputs["out"] / "run", inputs["tmp"] / "jax_cache"
+    for point, count, status, newest in CRASH_SCHEDULE:
         complete = train_module.latest_checkpoint(run_dir) if run_dir.exists() else None
-        result = _run_cli(point, rng.randint(1, 2), argv, inputs["tmp"] / "jax_cache")
-        outcomes.append((point, result.returncode))
+        result = _run_cli(point, count, argv, cache)
+        assert result.returncode == status, (point, result.returncode, result.stderr[-2000:])
+        assert train_module.latest_checkpoint(run_dir) == newest, point
         if complete is not None:  # it resumed from the newest complete checkpoint, never a partial one
             assert f"resumed from {run_dir}/checkpoints/step_{complete}" in result.stdout, result.stdout
-        expected = {"step": -9, "save": -9, "export": -9, "sigterm": 143, "sigint": 130, "none": 0}[point]
-        assert result.returncode in (expected, 0), (point, result.returncode, result.stderr[-2000:])
-        if point == "save" and result.returncode == -9:
+        if point == "save":
             assert list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # died mid-save
-        if point in ("sigterm", "sigint") and result.returncode != 0:
+        if point in ("sigterm", "sigint"):
             assert "run the same command again to resume" in result.stderr.splitlines()[-1]
-            latest = train_module.latest_checkpoint(run_dir)
-            assert latest is not None and latest > (complete or 0)  # saved on the way out
-        if point == "export" and result.returncode == -9:
+        if point == "export":
             assert not (run_dir / "adapter").exists() and (run_dir / "adapter.partial").is_dir()
-    assert [o for o in outcomes if o[1] == -9], outcomes
     assert adapter_bytes(run_dir) == adapter_bytes(straight)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_eval_loss"] == json.loads((straight / "summary.json").read_text())["final_eval_loss"]
+    # TensorBoard shows every step once, with the values of the uninterrupted run (points logged after a
+    # checkpoint by a killed process are purged by the resumed one).
+    for tag in ("loss", "eval_loss"):
+        assert _scalars(run_dir, tag) == _scalars(straight, tag), tag
+    assert [s for s, _ in _scalars(run_dir, "loss")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "overrides", "devices"), [
+    ("offload", ["optimizer.offload=host"], 8),
+    ("mesh", ["mesh.data=2"], 2),
+])
+def test_a_kill_inside_a_save_resumes_to_the_same_adapter(inputs, case, overrides, devices):
+    """With the optimizer state in host memory, and on a 2-device mesh, against an uninterrupted run of each."""
+    cache = inputs["tmp"] / "jax_cache"
+    argv = _argv(inputs, *CRASH_OVERRIDES, *overrides)
+    straight, run_dir = inputs["out"] / "straight", inputs["out"] / "run"
+    assert _run_cli("none", 0, argv + ["--set", "train.run_name=straight"], cache, devices).returncode == 0
+    killed = _run_cli("save", 2, argv, cache, devices)  # the second save of the run: step 4
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert train_module.latest_checkpoint(run_dir) == 2
+    assert list((run_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+    rerun = _run_cli("none", 0, argv, cache, devices)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed from {run_dir}/checkpoints/step_2" in rerun.stdout
+    assert adapter_bytes(run_dir) == adapter_bytes(straight)
+
+
+def test_a_conversion_killed_midway_leaves_nothing_a_later_run_picks_up(inputs, smollm2_dir, monkeypatch):
+    """SIGKILL during the first-use conversion of the built-in model; the next use converts it whole."""
+    cache = inputs["tmp"] / "model_cache"
+    monkeypatch.setenv("QLORA_JAX_CACHE", str(cache))
+    argv = [a.replace(str(inputs["model"]), "smollm2-135m-instruct") for a in _argv(inputs)]
+    killed = _run_cli("convert", 1, argv, inputs["tmp"] / "jax_cache")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    target = cache / "SmolLM2-135M-Instruct"
+    [partial] = cache.glob("SmolLM2-135M-Instruct.partial-*")  # model.safetensors written, the rest not
+    assert (partial / "model.safetensors").is_file() and not (partial / "config.json").exists()
+    assert not target.exists()
+    from qlora_jax.assets import prepared_smollm2
+
+    assert prepared_smollm2(verbose=False) == target
+    assert not list(cache.glob("SmolLM2-135M-Instruct.partial-*"))  # the dead conversion's files are removed
+    for name in ("config.json", "tokenizer.json", "model.safetensors", ".converted"):
+        assert (target / name).read_bytes() == (smollm2_dir / name).read_bytes(), name
 
 
 # --- non-finite steps, full disks ---------------------------------------------------------------------

@@ -18,6 +18,11 @@ Where bnb's CUDA kernel would differ from its CPU oracle (documented, not emulat
 - subnormal inputs: XLA on the CPU flushes subnormal floats (|x| < 2**-126) to
   zero. Real weights hold none; a subnormal element is treated as 0.0, which for
   FP4/Int4 can pick code 0 where bnb picks code 8 (both decode to 0.0).
+- all-zero tensors with double quantization: bnb's CPU path clamps every block's
+  absmax to 1e-38 and stores their mean, a subnormal float32 (about 1e-38), as the
+  offset; XLA flushes it, so our offset is 0.0, the nested absmax 0.0, and at
+  blocksize 32 one absmax code differs. Both state dicts decode the tensor to exact
+  zeros (tests/test_quant.py), so only those stored bytes differ.
 """
 
 import jax.numpy as jnp
