@@ -97,9 +97,20 @@ def quantize_4bit_codes(x: jnp.ndarray, blocksize: int, quant_type: str) -> tupl
 def dequantize_4bit_codes(codes: jnp.ndarray, absmax: jnp.ndarray, blocksize: int, quant_type: str) -> jnp.ndarray:
     """``codes: u8[n]``, ``absmax: f32[N]`` -> ``f32[n]``: ``table[code] * absmax[block]`` in f32."""
     n = codes.shape[0]
-    values = jnp.asarray(codebook(quant_type))[codes.astype(jnp.int32)]
-    scale = jnp.repeat(absmax, blocksize, total_repeat_length=num_blocks(n, blocksize) * blocksize)[:n]
-    return values * scale
+    # mode="clip": every code is in range, so the gather needs no out-of-bounds fill (20% faster on the CPU)
+    values = jnp.take(jnp.asarray(codebook(quant_type)), codes.astype(jnp.int32), mode="clip")
+    return scale_blocks(values, absmax, blocksize)[:n]
+
+
+def scale_blocks(values: jnp.ndarray, absmax: jnp.ndarray, blocksize: int) -> jnp.ndarray:
+    """``values: f32[n]`` times the absmax of each one's block, ``-> f32[N * blocksize]`` (zero-padded past n).
+
+    Through a ``[N, blocksize]`` view with ``absmax[:, None]`` broadcast, not an absmax repeated
+    per element: XLA's CPU backend runs the repeat as a slow gather, 10-25x slower than the
+    whole dequantization otherwise is (``scripts/bench_dequant.py``).
+    """
+    blocks = jnp.pad(values, (0, absmax.shape[0] * blocksize - values.shape[0])).reshape(absmax.shape[0], blocksize)
+    return (blocks * absmax[:, None]).reshape(-1)
 
 
 def pack_nibbles(codes: jnp.ndarray) -> jnp.ndarray:
@@ -146,7 +157,5 @@ def double_quantize(absmax: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.
 def double_dequantize(codes: jnp.ndarray, nested_absmax: jnp.ndarray, offset: jnp.ndarray) -> jnp.ndarray:
     """Inverse of ``double_quantize``: ``map[code] * nested_absmax[block]``, then ``+ offset``, in f32 -> ``f32[N]``."""
     n = codes.shape[0]
-    values = jnp.asarray(dynamic_map_signed())[codes.astype(jnp.int32)]
-    scale = jnp.repeat(nested_absmax, NESTED_BLOCKSIZE,
-                       total_repeat_length=nested_absmax.shape[0] * NESTED_BLOCKSIZE)[:n]
-    return rounded(values * scale) + offset
+    values = jnp.take(jnp.asarray(dynamic_map_signed()), codes.astype(jnp.int32), mode="clip")
+    return rounded(scale_blocks(values, nested_absmax, NESTED_BLOCKSIZE)[:n]) + offset
