@@ -115,6 +115,84 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     return parts
 
 
+def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, shape: StepShape) -> dict[str, int]:
+    """XLA's own count, in bytes, of the step ``train`` runs, compiled from abstract shapes on this backend.
+
+    The same step function (``train.make_train_step``: micro-batch scan, LoRA-only AdamW as
+    ``OptimConfig`` builds it, the non-finite guard), the model as ``train`` runs it (decoder
+    layers in ``lax.scan``, ``shape.checkpointing``, ``shape.loss_chunk``), buffers donated as
+    on an accelerator, and with ``shape.offload`` the optimizer state (and parameters) in
+    pinned host memory. Nothing is allocated. ``peak`` is ``arguments + temporaries + outputs
+    - aliased`` (what must exist at once, the donated inputs' buffers reused for the outputs);
+    ``host_*`` are the parts XLA places in host memory (the CPU backend reports none: all its
+    memory is host memory). One device only.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from .config import OptimConfig
+    from .lora import LoRAParam
+    from .model import LlamaForCausalLM
+    from .train import make_train_step
+
+    if shape.devices > 1:
+        raise ValueError("--compiled compiles the step for one device; drop --data/--fsdp (the formula above gives "
+                         "the per-device parts on a mesh)")
+    compute_dtype = jnp.float32 if shape.compute_bytes == 4 else jnp.bfloat16
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant, lora=lora, compute_dtype=compute_dtype,
+                                                    rngs=nnx.Rngs(0)))
+    model.remat, model.scan_layers = shape.checkpointing, True
+    graphdef, lora_state, frozen = nnx.split(model, LoRAParam, ...)
+    tx, _ = OptimConfig(offload=shape.offload).build(100)
+    opt_state = jax.eval_shape(tx.init, lora_state)
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+
+    def on_host(tree):
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host), tree)
+
+    if shape.offload != "none":
+        opt_state = on_host(opt_state)
+    if shape.offload == "host_with_params":
+        lora_state = on_host(lora_state)
+    step = make_train_step(graphdef, tx, donate=True, loss_chunk=shape.loss_chunk, offload=shape.offload)
+    ids = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    stats = step.lower(lora_state, opt_state, frozen, batch, key).compile().memory_analysis()
+    fields = {"arguments": "argument", "temporaries": "temp", "outputs": "output", "aliased": "alias"}
+    parts = {name: getattr(stats, f"{field}_size_in_bytes") for name, field in fields.items()}
+    parts["peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
+    parts.update({f"host_{name}": getattr(stats, f"host_{field}_size_in_bytes") for name, field in fields.items()})
+    return parts
+
+
+def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
+    """The compiled counts next to the formula's matching parts (GiB)."""
+    held = (formula["quantized_weights"] + formula["quant_constants"] + formula["unquantized_frozen"]
+            + formula["lora_params"] + formula["optimizer_state"])
+    rows = [("arguments", parts["arguments"], held, "weights, constants, frozen, LoRA params, AdamW state"),
+            ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["activations"],
+             "LoRA grads + activations"),
+            ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
+            ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
+            ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
+    lines = [f"compiled ({_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
+    for label, value, predicted, what in rows:
+        beside = f"   formula {predicted / GIB:8.2f} GiB" if predicted is not None else " " * 25
+        lines.append(f"  {label:<28} {value / GIB:8.2f} GiB{beside}   ({what})")
+    host = parts["host_arguments"] + parts["host_temporaries"] + parts["host_outputs"] - parts["host_aliased"]
+    if host:
+        lines.append(f"  {'host memory':<28} {host / GIB:8.2f} GiB   (offloaded state, not counted in peak)")
+    return "\n".join(lines)
+
+
+def _backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def resolve_model(name: str) -> ModelConfig:
     if name in PRESETS:
         return PRESETS[name]
@@ -150,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flash", action="store_true", help="XLA attention (keeps [B, H, T, T] probabilities)")
     parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
     parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also compile the real train step from abstract shapes and print XLA's memory analysis")
     args = parser.parse_args(argv)
     try:
         if min(args.seq_len, args.batch, args.data, args.fsdp) < 1 or args.loss_chunk < 0:
@@ -159,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoraConfig(rank=args.r)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
                           flash_attention=not args.no_flash, data=args.data, fsdp=args.fsdp)
-        print(format_report(args.model, training_memory(config, quant, lora, shape), shape, lora, quant))
+        formula = training_memory(config, quant, lora, shape)
+        print(format_report(args.model, formula, shape, lora, quant))
+        if args.compiled:
+            print(format_compiled(compiled_memory(config, quant, lora, shape), formula))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

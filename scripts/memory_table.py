@@ -1,11 +1,13 @@
-"""Print the README's memory table: predicted device memory of a QLoRA step for LLaMA 7B-65B.
+"""Print the README's memory table: device memory of a QLoRA step for LLaMA 7B-65B, formula and compiled.
 
     python scripts/memory_table.py [--out benchmarks/results/memory_table.md]
 
 Sequence length 512, batch 1, LoRA r=64 on all linear layers, NF4 + double quant,
 per-layer gradient checkpointing, chunked loss, with the optimizer state on the device
-or offloaded to host memory (``qlora_jax.memory``; activations are an estimate). A
-second table: LLaMA-65B per device on meshes of 8 devices, one sequence per device.
+or offloaded to host memory (``qlora_jax.memory``; activations are an estimate), and beside
+it XLA's count for the real train step compiled from abstract shapes on this backend
+(``qlora_jax.memory.compiled_memory``: arguments + temporaries + outputs - donated). A second
+table: LLaMA-65B per device on meshes of 8 devices, one sequence per device (formula only).
 """
 
 import argparse
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 from qlora_jax.config import LoraConfig, QuantConfig
-from qlora_jax.memory import GIB, PRESETS, StepShape, training_memory
+from qlora_jax.memory import GIB, PRESETS, StepShape, compiled_memory, training_memory
 
 PAPER = {  # QLoRA paper (Dettmers et al., 2023): the 4-bit base's size, and what fits
     "llama-7b": "4-bit base ~5 GB (Fig. 6)",
@@ -26,16 +28,20 @@ PAPER = {  # QLoRA paper (Dettmers et al., 2023): the 4-bit base's size, and wha
 def table() -> str:
     lora, quant = LoraConfig(rank=64), QuantConfig("nf4", 64, True)
     lines = ["| model | 4-bit base + constants | bf16 embeddings/norms/head | LoRA params / grads | AdamW state | "
-             "activations (est.) | device total | with `optimizer.offload: host` | paper |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "activations (est.) | device total (formula) | **compiled peak** (XLA, this backend) | "
+             "with `optimizer.offload: host` (formula) | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, note in PAPER.items():
         plain = training_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512))
         offloaded = training_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512, offload="host"))
         base = plain["quantized_weights"] + plain["quant_constants"]
+        compiled = compiled_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512))
+        print(f"{name}: compiled peak {compiled['peak'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
         lines.append(f"| {name} | {base / GIB:.2f} GiB | {plain['unquantized_frozen'] / GIB:.2f} GiB | "
                      f"{plain['lora_params'] / GIB:.2f} / {plain['lora_grads'] / GIB:.2f} GiB | "
                      f"{plain['optimizer_state'] / GIB:.2f} GiB | {plain['activations'] / GIB:.2f} GiB | "
-                     f"**{plain['total'] / GIB:.1f} GiB** | **{offloaded['total'] / GIB:.1f} GiB** "
+                     f"{plain['total'] / GIB:.1f} GiB | **{compiled['peak'] / GIB:.1f} GiB** | "
+                     f"{offloaded['total'] / GIB:.1f} GiB "
                      f"(+{offloaded['host_optimizer_and_params'] / GIB:.1f} GiB host) | {note} |")
     command = "`python scripts/memory_table.py` (seq 512, batch 1, r=64, NF4+DQ, layer checkpointing)"
     return "\n".join(lines) + "\n\n" + command + "\n"
