@@ -7,7 +7,7 @@ model's layers build on ``pallas_kernels``).
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["load_model", "load_tokenizer"]
 _LAZY = {"load_model": ".loading", "load_tokenizer": ".tokenizer"}
 

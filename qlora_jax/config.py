@@ -420,9 +420,6 @@ class TrainConfig:
     loss_chunk: int = 128
     """Tokens per chunk of the output projection + cross entropy: only [B, loss_chunk, V] f32 logits exist at a
     time, in the forward and the backward pass (0: the whole sequence at once)."""
-    scan_layers: bool = True
-    """Run the decoder layers as one lax.scan: compile time independent of depth (costs a transient copy of
-    the 4-bit layer weights per step; turn off when that copy does not fit)."""
     seed: int = 0
     """Seeds LoRA init, data order and dropout."""
     out_dir: str = "runs"

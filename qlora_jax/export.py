@@ -17,6 +17,7 @@ whole: it is written to ``<out>.partial`` and renamed.
 
 import argparse
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -52,17 +53,30 @@ def _tensors(model: LlamaForCausalLM) -> dict:
                  "model.norm.weight": lambda: model.norm.weight[...]}
     if model.lm_head is not None:
         producers["lm_head.weight"] = lambda: model.lm_head[...]
-    for i, layer in enumerate(model.layers):
+    layer = _layer_reader(model)
+    for i in range(model.config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        producers[prefix + "input_layernorm.weight"] = lambda layer=layer: layer.input_layernorm.weight[...]
+        producers[prefix + "input_layernorm.weight"] = lambda i=i: layer(i).input_layernorm.weight[...]
         producers[prefix + "post_attention_layernorm.weight"] = (
-            lambda layer=layer: layer.post_attention_layernorm.weight[...])
+            lambda i=i: layer(i).post_attention_layernorm.weight[...])
         for name, block in LINEAR_NAMES.items():
-            module = getattr(getattr(layer, block), name)
-            producers[f"{prefix}{block}.{name}.weight"] = lambda module=module: merged_weight(module)
-            if module.bias is not None:
-                producers[f"{prefix}{block}.{name}.bias"] = lambda module=module: module.bias[...]
+            producers[f"{prefix}{block}.{name}.weight"] = (
+                lambda i=i, block=block, name=name: merged_weight(getattr(getattr(layer(i), block), name)))
+            if _has_bias(model, name):
+                producers[f"{prefix}{block}.{name}.bias"] = (
+                    lambda i=i, block=block, name=name: getattr(getattr(layer(i), block), name).bias[...])
     return producers
+
+
+def _layer_reader(model: LlamaForCausalLM):
+    """``model.layer`` that keeps the last layer it copied out: tensors are written layer by layer, so one copy
+    serves all of a layer's tensors and one layer's copy exists at a time."""
+    return functools.lru_cache(maxsize=1)(model.layer)
+
+
+def _has_bias(model: LlamaForCausalLM, name: str) -> bool:
+    """Whether projection ``name`` carries a bias (Qwen2's q/k/v), as ``model._projection`` builds it."""
+    return model.config.attention_bias and name in ("q_proj", "k_proj", "v_proj")
 
 
 def export_merged(model_dir: Path, adapter_dir: Path | None, out_dir: Path, quant: str = "nf4", blocksize: int = 64,
@@ -116,10 +130,11 @@ def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_q
     model = load_model(model_dir, quant=quant_type, double_quant=double_quant, compute_dtype=jnp.float32)
     numpy_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     arrays: dict[str, tuple] = {}  # name -> (shape, dtype, producer)
+    layer = _layer_reader(model)
     for name, produce in _tensors(model).items():
         if name.endswith("_proj.weight"):
             parts = name.split(".")
-            module = getattr(getattr(model.layers[int(parts[2])], parts[3]), parts[4])
+            module = getattr(getattr(layer(int(parts[2])), parts[3]), parts[4])
             q = dataclasses.replace(module.quantized_weight(), dtype=dtype)
             for key, value in q.to_bnb_state_dict(name[: -len("weight")]).items():
                 arrays[key] = (value.shape, value.dtype, lambda value=value: value)
@@ -135,9 +150,8 @@ def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_q
 def _shape_of(model: LlamaForCausalLM, name: str) -> tuple[int, ...]:
     parts = name.split(".")
     if parts[-2].endswith("_proj"):
-        layer = model.layers[int(parts[2])]
-        module = getattr(getattr(layer, parts[3]), parts[4])
-        return (module.out_features,) if parts[-1] == "bias" else (module.out_features, module.in_features)
+        out_features, in_features = model.config.linear_shapes()[parts[4]]
+        return (out_features,) if parts[-1] == "bias" else (out_features, in_features)
     if name == "lm_head.weight":
         return tuple(model.lm_head[...].shape)
     if name == "model.embed_tokens.weight":

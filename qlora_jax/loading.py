@@ -103,15 +103,22 @@ def _load_linear(layer: QLoRALinear, reader: CheckpointReader, prefix: str, preq
         layer.bias.set_value(jnp.asarray(reader.get(prefix + "bias"), jnp.bfloat16))
 
 
-def init_lora(model: nnx.Module, seed: int) -> None:
-    """PEFT's init for every adapter: ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros."""
-    key = jax.random.key(seed)
-    modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, QLoRALinear) and m.lora is not None]
-    for index, module in enumerate(modules):
-        a_shape, b_shape = module.lora_a.get_value().shape, module.lora_b.get_value().shape
-        module.lora_a.set_value(kaiming_uniform_a_sqrt5(jax.random.fold_in(key, index), a_shape,
-                                                      module.lora_a.get_value().dtype))
-        module.lora_b.set_value(jnp.zeros(b_shape, module.lora_b.get_value().dtype))
+def init_lora(model: LlamaForCausalLM, seed: int) -> None:
+    """PEFT's init for every adapter: ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros.
+
+    Adapter number ``n`` (layer by layer, in graph order within a layer) draws from
+    ``fold_in(key(seed), n)``.
+    """
+    key, index = jax.random.key(seed), 0
+    for i in range(model.config.num_hidden_layers):
+        layer = model.layer(i)
+        for _, module in nnx.iter_graph(layer):
+            if isinstance(module, QLoRALinear) and module.lora is not None:
+                a, b = module.lora_a.get_value(), module.lora_b.get_value()
+                module.lora_a.set_value(kaiming_uniform_a_sqrt5(jax.random.fold_in(key, index), a.shape, a.dtype))
+                module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
+                index += 1
+        model.set_layer(i, layer)
 
 
 def _place_frozen(module: nnx.Module, mesh) -> None:
@@ -123,7 +130,7 @@ def _place_frozen(module: nnx.Module, mesh) -> None:
 
 def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                lora: LoraConfig | None = None, compute_dtype=jnp.bfloat16, seed: int = 0,
-               verbose: bool = False, kernel: str = "auto", mesh=None) -> LlamaForCausalLM:
+               verbose: bool = False, kernel: str = "auto", mesh=None, remat: str = "none") -> LlamaForCausalLM:
     """Load a local Hugging Face LLaMA-family directory as a QLoRA model.
 
     ``quant``: nf4 (default), fp4, int4, or none (bf16 base). A bitsandbytes 4-bit
@@ -144,13 +151,14 @@ def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double
     with CheckpointReader(directory) as reader:
         _check_checkpoint(reader, config, stored is not None, directory)
         model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant_config, lora=lora,
-                                                        compute_dtype=compute_dtype, rngs=nnx.Rngs(seed)))
+                                                        compute_dtype=compute_dtype, remat=remat,
+                                                        rngs=nnx.Rngs(seed)))
         model.embed_tokens.set_value(jnp.asarray(reader.get("model.embed_tokens.weight"), jnp.bfloat16))
         model.norm.weight.set_value(jnp.asarray(reader.get("model.norm.weight"), jnp.bfloat16))
         if model.lm_head is not None:
             model.lm_head.set_value(jnp.asarray(reader.get("lm_head.weight"), jnp.bfloat16))
-        for i, layer in enumerate(model.layers):
-            prefix = f"model.layers.{i}."
+        for i in range(config.num_hidden_layers):  # one layer at a time, each written into its slot
+            layer, prefix = model.layer(i), f"model.layers.{i}."
             layer.input_layernorm.weight.set_value(jnp.asarray(reader.get(prefix + "input_layernorm.weight"),
                                                              jnp.bfloat16))
             layer.post_attention_layernorm.weight.set_value(jnp.asarray(
@@ -159,6 +167,7 @@ def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double
                 module = getattr(getattr(layer, block), name)
                 _load_linear(module, reader, f"{prefix}{block}.{name}.", stored is not None)
             _place_frozen(layer, mesh)
+            model.set_layer(i, layer)
         if mesh is not None:
             for name, variable in (("embed_tokens", model.embed_tokens), ("norm", model.norm.weight),
                                    ("lm_head", model.lm_head)):
@@ -172,10 +181,11 @@ def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double
 
 
 def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
-                 compute_dtype=jnp.bfloat16, seed: int = 0, init_scale: float = 0.02) -> LlamaForCausalLM:
+                 compute_dtype=jnp.bfloat16, seed: int = 0, init_scale: float = 0.02,
+                 remat: str = "none") -> LlamaForCausalLM:
     """A model with random N(0, init_scale) weights (for tests and benchmarks), quantized as configured."""
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant, lora=lora, compute_dtype=compute_dtype,
-                                                    rngs=nnx.Rngs(seed)))
+                                                    remat=remat, rngs=nnx.Rngs(seed)))
     key = jax.random.key(seed + 1)
     counter = iter(range(1 << 30))
 
@@ -186,7 +196,8 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
     if model.lm_head is not None:
         model.lm_head.set_value(normal(model.lm_head.get_value().shape))
     model.norm.weight.set_value(jnp.ones(model.norm.weight.get_value().shape, jnp.bfloat16))
-    for layer in model.layers:
+    for i in range(config.num_hidden_layers):
+        layer = model.layer(i)
         layer.input_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
         layer.post_attention_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
         for name, block in LINEAR_NAMES.items():
@@ -194,6 +205,7 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
             module.load_weight(normal((module.out_features, module.in_features)))
             if module.bias is not None:
                 module.bias.set_value(normal((module.out_features,)))
+        model.set_layer(i, layer)
     if lora is not None:
         init_lora(model, seed)
     return model

@@ -119,8 +119,8 @@ def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     """XLA's own count, in bytes, of the step ``train`` runs, compiled from abstract shapes on this backend.
 
     The same step function (``train.make_train_step``: micro-batch scan, LoRA-only AdamW as
-    ``OptimConfig`` builds it, the non-finite guard), the model as ``train`` runs it (decoder
-    layers in ``lax.scan``, ``shape.checkpointing``, ``shape.loss_chunk``), buffers donated as
+    ``OptimConfig`` builds it, the non-finite guard), the model as ``train`` runs it (stacked
+    decoder layers in ``lax.scan``, ``shape.checkpointing``, ``shape.loss_chunk``), buffers donated as
     on an accelerator, and with ``shape.offload`` the optimizer state (and parameters) in
     pinned host memory. Nothing is allocated. ``peak`` is ``arguments + temporaries + outputs
     - aliased`` (what must exist at once, the donated inputs' buffers reused for the outputs);
@@ -141,8 +141,7 @@ def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
                          "the per-device parts on a mesh)")
     compute_dtype = jnp.float32 if shape.compute_bytes == 4 else jnp.bfloat16
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant, lora=lora, compute_dtype=compute_dtype,
-                                                    rngs=nnx.Rngs(0)))
-    model.remat, model.scan_layers = shape.checkpointing, True
+                                                    remat=shape.checkpointing, rngs=nnx.Rngs(0)))
     graphdef, lora_state, frozen = nnx.split(model, LoRAParam, ...)
     tx, _ = OptimConfig(offload=shape.offload).build(100)
     opt_state = jax.eval_shape(tx.init, lora_state)

@@ -9,6 +9,7 @@ left and right padding give the same logits at real positions.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,32 @@ class DecoderLayer(nnx.Module):
         return x, k, v
 
 
+def _slot(leaf, index: int):
+    """``leaf[index]``, also for an abstract (``eval_shape``) leaf."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[index]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_into(whole: jax.Array, part: jax.Array, index) -> jax.Array:
+    return whole.at[index].set(part.astype(whole.dtype))
+
+
+def _write_slot(whole, part, index: int) -> jax.Array:
+    """``whole`` with ``part`` in slot ``index``, in place where the backend donates; an abstract ``whole`` (a
+    model being loaded) becomes zeros laid out like ``part`` with the layer axis unsplit. An abstract
+    ``part`` (not loaded yet, e.g. adapters before their init) leaves ``whole`` as it is."""
+    if isinstance(part, jax.ShapeDtypeStruct):
+        return whole
+    if isinstance(whole, jax.ShapeDtypeStruct):
+        sharding = getattr(part, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):  # parallel.stacked_spec: the layer axis whole
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+        whole = jnp.zeros(whole.shape, whole.dtype, device=sharding)
+    return _write_into(whole, part, index)
+
+
 _REMAT_POLICIES = {
     "none": None, "layer": None,
     "layer_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -169,19 +196,48 @@ _REMAT_POLICIES = {
 
 
 class LlamaForCausalLM(nnx.Module):
-    """The whole network: embed -> L x (attention + MLP) -> norm -> lm_head."""
+    """The whole network: embed -> L x (attention + MLP) -> norm -> lm_head.
+
+    The L decoder layers are stored stacked: ``self.layers`` is one ``DecoderLayer`` whose
+    arrays carry a leading layer axis ``[L, ...]`` (created with ``nnx.vmap``, as MaxText's
+    scanned layers and Levanter's ``Stacked``), and ``lax.scan`` runs over that stored state
+    directly, so no step copies the weights, adapters or their gradients. ``layer(i)`` and
+    ``set_layer(i, layer)`` read and write one layer as its own module (loading, adapters,
+    export). ``remat``: gradient checkpointing of each layer (``config.CHECKPOINTING``).
+    """
 
     def __init__(self, config: ModelConfig, *, quant: QuantConfig = QuantConfig(), lora: LoraConfig | None = None,
-                 compute_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+                 compute_dtype=jnp.bfloat16, remat: str = "none", rngs: nnx.Rngs):
+        if remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} must be one of {list(_REMAT_POLICIES)}")
         self.config, self.quant, self.lora, self.compute_dtype = config, quant, lora, compute_dtype
-        self.remat = "none"  # gradient checkpointing per decoder layer: config.CHECKPOINTING
-        self.scan_layers = False  # run the decoder layers with lax.scan (fast compiles) instead of unrolled
+        self.remat = remat
         self.embed_tokens = Frozen(jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
-        self.layers = nnx.List([DecoderLayer(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_layers(rngs):
+            return DecoderLayer(config, quant=quant, lora=lora, compute_dtype=compute_dtype, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)  # every array [L, ...]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Frozen(
             jnp.zeros((config.vocab_size, config.hidden_size), jnp.bfloat16))  # [V, D]
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Decoder layer ``index`` as its own module, holding a copy of its slice of the stacked state."""
+        layer_def, stacked = nnx.split(self.layers)
+        return nnx.merge(layer_def, jax.tree.map(lambda leaf: _slot(leaf, index), stacked))
+
+    def set_layer(self, index: int, layer: DecoderLayer) -> None:
+        """Write ``layer``'s arrays (and its weights' static metadata) into slot ``index`` of the stacked layers."""
+        _, stacked = nnx.split(self.layers)
+        nnx.update(self.layers, jax.tree.map(lambda whole, part: _write_slot(whole, part, index), stacked,
+                                             nnx.state(layer)))
+        targets = {path: node for path, node in nnx.iter_graph(self.layers) if isinstance(node, QLoRALinear)}
+        for path, source in nnx.iter_graph(layer):
+            if isinstance(source, QLoRALinear) and source.quant.quantized:
+                targets[path].weight_meta = source.weight_meta
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -195,41 +251,18 @@ class LlamaForCausalLM(nnx.Module):
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
         inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
-        layer_keys = jax.random.split(rngs.dropout(), len(self.layers)) if rngs is not None else [None] * len(
-            self.layers)
+        layers = self.config.num_hidden_layers
+        keys = jax.random.split(rngs.dropout(), layers) if rngs is not None else jnp.zeros((layers,))
+        layer_def, stacked = nnx.split(self.layers)
 
-        def run_layer(layer, x, key):
-            layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
-            return layer(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0]
+        def body(x, inputs):  # one decoder layer, on its slice of the stored state
+            state, key = inputs
+            layer_rngs = nnx.Rngs(dropout=key) if rngs is not None else None
+            return nnx.merge(layer_def, state)(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0], None
 
-        policy = _REMAT_POLICIES[self.remat]
-        if self.scan_layers:
-            # One compiled layer body run L times (lax.scan over the layers' stacked states): compile
-            # time no longer grows with depth. The stacking copies the (4-bit) layer weights once per call.
-            layer_def = nnx.graphdef(self.layers[0])
-            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer) for layer in self.layers])
-
-            def body(x, inputs):
-                state, key = inputs
-                return run_layer(nnx.merge(layer_def, state), x, key), None
-
-            if self.remat != "none":
-                body = jax.checkpoint(body, policy=policy)
-            keys = jnp.stack(layer_keys) if rngs is not None else None
-            x, _ = jax.lax.scan(body, x, (stacked, keys))
-            return self.norm(x).astype(self.compute_dtype)
-        for layer, key in zip(self.layers, layer_keys, strict=True):
-            if self.remat == "none":
-                x = run_layer(layer, x, key)
-                continue
-            # jax.checkpoint on a pure function of the layer's state: the backward pass recomputes
-            # the layer instead of keeping its activations.
-            layer_def, layer_state = nnx.split(layer)
-
-            def pure(state, x, key, layer_def=layer_def):
-                return run_layer(nnx.merge(layer_def, state), x, key)
-
-            x = jax.checkpoint(pure, policy=policy)(layer_state, x, key)
+        if self.remat != "none":  # the backward pass recomputes each layer instead of keeping its activations
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+        x, _ = jax.lax.scan(body, x, (stacked, keys))
         return self.norm(x).astype(self.compute_dtype)
 
     def unembedding(self) -> jax.Array:
@@ -264,20 +297,24 @@ class LlamaForCausalLM(nnx.Module):
         slot_positions = jnp.maximum(jnp.cumsum(key_mask, axis=-1) - 1, 0).astype(jnp.int32)
         inv_freq = rope_inv_freq(self.config.rope, self.config.head_dim)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            def write_keys(k, i=i):
-                return jax.lax.dynamic_update_slice(cache.keys[i], k.astype(cache.keys.dtype), (0, start, 0, 0))
+        layer_def, stacked = nnx.split(self.layers)
 
-            def write_values(v, i=i):
-                return jax.lax.dynamic_update_slice(cache.values[i], v.astype(cache.values.dtype), (0, start, 0, 0))
+        def body(x, inputs):  # one layer on its slice of the stored state and of the cache ([B, S, G, K])
+            state, layer_keys, layer_values = inputs
 
-            x, k, v = layer(x, positions, key_mask, inv_freq, past_keys=write_keys, past_values=write_values,
-                            key_positions=slot_positions)
-            new_keys.append(k)
-            new_values.append(v)
+            def write_keys(k):
+                return jax.lax.dynamic_update_slice(layer_keys, k.astype(layer_keys.dtype), (0, start, 0, 0))
+
+            def write_values(v):
+                return jax.lax.dynamic_update_slice(layer_values, v.astype(layer_values.dtype), (0, start, 0, 0))
+
+            x, k, v = nnx.merge(layer_def, state)(x, positions, key_mask, inv_freq, past_keys=write_keys,
+                                                  past_values=write_values, key_positions=slot_positions)
+            return x, (k, v)
+
+        x, (new_keys, new_values) = jax.lax.scan(body, x, (stacked, cache.keys, cache.values))
         logits = self.logits(self.norm(x).astype(self.compute_dtype))
-        new_cache = KVCache(keys=jnp.stack(new_keys), values=jnp.stack(new_values), mask=key_mask,
+        new_cache = KVCache(keys=new_keys, values=new_values, mask=key_mask,
                             positions=cache.positions + jnp.sum(attention_mask, axis=-1).astype(jnp.int32),
                             length=start + tokens)
         return logits, new_cache

@@ -111,9 +111,23 @@ def place_frozen(name: str, value, mesh: Mesh) -> jax.Array:
     return global_array(value, NamedSharding(mesh, frozen_spec(name, value.shape, mesh.shape[FSDP])))
 
 
+def stacked_spec(spec: P) -> P:
+    """The spec of a stacked decoder-layer array ``[L, ...]`` whose one layer is laid out as ``spec``: the layer
+    axis is never split."""
+    return P(None, *spec)
+
+
 def shard_frozen(state, mesh: Mesh):
-    """Every array of a frozen-weight state (an ``nnx.State``) on its shards."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: place_frozen(_leaf_name(path), leaf, mesh), state)
+    """Every array of a frozen-weight state (an ``nnx.State``) on its shards; the stacked decoder layers'
+    arrays (under ``layers``) split as one layer would, along their rows, never along the layer axis."""
+    def place(path, leaf):
+        name = _leaf_name(path)
+        if any(getattr(entry, "key", None) == "layers" for entry in path):
+            spec = stacked_spec(frozen_spec(name, leaf.shape[1:], mesh.shape[FSDP]))
+            return global_array(leaf, NamedSharding(mesh, spec))
+        return place_frozen(name, leaf, mesh)
+
+    return jax.tree_util.tree_map_with_path(place, state)
 
 
 def replicate(tree, mesh: Mesh):

@@ -16,7 +16,7 @@ from the packed weight again. Two implementations of both products:
 Under a device mesh (``qlora_jax.parallel.use``), both products run per device in a
 ``shard_map``: each device gathers the weight's fsdp shards as stored (``u8`` codes)
 and multiplies its own rows of ``x``/``dy``. The backward pass gathers again instead of
-keeping the gathered weight; with the decoder layers in a ``lax.scan`` (``train.scan_layers``)
+keeping the gathered weight; with the decoder layers in a ``lax.scan`` (stored stacked)
 the two gathers sit in different loops, so one layer's full weight exists at a time.
 """
 

@@ -19,7 +19,6 @@ RESUMABLE = {
     "train.log_every": "logging", "train.max_bad_steps": "when to give up on non-finite steps",
     "train.mmlu_dir": "logging", "train.mmlu_every": "logging", "train.mmlu_k": "logging",
     "train.gradient_checkpointing": "what is recomputed, not what is computed",
-    "train.scan_layers": "how the layers are compiled, not what they compute",
     "train.loss_chunk": "how the loss is split, not its value",
     "train.out_dir": "where the run lives", "train.run_name": "where the run lives",
     "optimizer.offload": "where AdamW's state lives between steps (training is bit-identical)",

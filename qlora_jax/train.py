@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from . import assets, atomic, parallel
-from .checkpoint import Checkpoints
+from .checkpoint import LAYOUT, Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import BatchIterator, DataError, eval_batches, load_dataset
@@ -227,11 +227,10 @@ def _load_model(config: RunConfig, model_dir: Path, mesh):
     q = config.quant
     model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
                        lora=config.lora, compute_dtype=resolve_compute_dtype(config.model.compute_dtype),
-                       seed=config.train.seed, verbose=True, kernel=q.kernel, mesh=mesh)
+                       seed=config.train.seed, verbose=True, kernel=q.kernel, mesh=mesh,
+                       remat=config.train.gradient_checkpointing)
     if config.model.adapter:
         load_peft_adapter(model, Path(config.model.adapter).expanduser())
-    model.remat = config.train.gradient_checkpointing
-    model.scan_layers = config.train.scan_layers
     return model
 
 
@@ -239,7 +238,14 @@ def _restore(run_dir: Path, step: int, lora, opt_state):
     """The state of checkpoint ``step``, read before anything is written; a damaged one is refused, named."""
     checkpoints = Checkpoints(run_dir, 1)
     try:
+        if checkpoints.meta(step).get("layout") != LAYOUT:
+            raise ConfigError(f"{run_dir}/checkpoints/step_{step} holds one entry per decoder layer, the layout of "
+                              "qlora_jax 0.1; this version stores the layers stacked and cannot resume it: use --set "
+                              "train.run_name=NEW_NAME to start over (its adapter/ directory still loads as a PEFT "
+                              "adapter, e.g. as model.adapter)")
         state, meta = checkpoints.restore(step, {"lora": lora, "opt_state": opt_state})
+    except ConfigError:
+        raise
     except Exception as err:  # orbax/tensorstore raise many types for damaged files; all mean the same here
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir}/checkpoints/step_{step} cannot be restored ({reason}); delete that directory "
@@ -270,6 +276,8 @@ def train(config: RunConfig, log=print) -> dict:
     opt_state = tx.init(lora)
     if mesh is not None:
         lora, opt_state = parallel.replicate(lora, mesh), parallel.shard_optimizer_state(opt_state, mesh)
+    else:  # committed like the step's outputs, so the second step reuses the first one's compilation
+        lora, opt_state = jax.device_put((lora, opt_state), jax.devices()[0])
     _check_free_space(location, lora, opt_state, config.train.keep_checkpoints)
     if resume_step is not None:
         lora, opt_state, data_position = _restore(run_dir, resume_step, lora, opt_state)
@@ -353,7 +361,7 @@ class _Loop:
     def save(self, step: int, lora, opt_state) -> None:
         try:
             self.checkpoints.save(step, {"lora": lora, "opt_state": opt_state},
-                                  {"step": step, "data": self.iterator.state()})
+                                  {"step": step, "data": self.iterator.state(), "layout": LAYOUT})
         except OSError as err:
             previous = self.checkpoints.latest_step()
             raise TrainingStopped(f"could not write checkpoint step {step} in {self.run_dir}/checkpoints "

@@ -47,18 +47,16 @@ LORA = LoraConfig(rank=16, alpha=32, dropout=0.0)
 LOSS_CHUNK = 128
 
 
-def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype):
+def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype, remat: str):
     if name == "smollm2":
         return load_model(assets.prepared_smollm2(), quant=quant.quant_type, blocksize=quant.blocksize,
                           double_quant=quant.double_quant, kernel=quant.kernel, lora=lora,
-                          compute_dtype=compute_dtype)
-    return random_model(RANDOM_MODELS[name], quant=quant, lora=lora, compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, remat=remat)
+    return random_model(RANDOM_MODELS[name], quant=quant, lora=lora, compute_dtype=compute_dtype, remat=remat)
 
 
 def time_variant(args, quant: QuantConfig, compute_dtype) -> dict:
-    model = build_model(args.model, quant, LORA, compute_dtype)
-    model.remat = args.checkpointing
-    model.scan_layers = True
+    model = build_model(args.model, quant, LORA, compute_dtype, args.checkpointing)
     config = model.config
     graphdef, lora_params, frozen = nnx.split(model, LoRAParam, ...)
     del model

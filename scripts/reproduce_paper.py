@@ -50,12 +50,11 @@ def perplexity(model, examples) -> float:
 
 def linear_bits(model) -> float:
     held, params = 0, 0
-    for layer in model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for module in vars(block).values():
-                if isinstance(module, QLoRALinear):
-                    held += module.quant_nbytes()
-                    params += module.in_features * module.out_features
+    for block in (model.layers.self_attn, model.layers.mlp):  # stacked: each module holds all layers
+        for module in vars(block).values():
+            if isinstance(module, QLoRALinear):
+                held += module.quant_nbytes()
+                params += model.config.num_hidden_layers * module.in_features * module.out_features
     return 8 * held / params
 
 

@@ -63,8 +63,8 @@ def write_tiny_chat_model(directory: Path, smollm2_dir: Path, nan_embeddings: bo
     model = random_model(config, quant=QuantConfig("none"), seed=1, init_scale=0.05)
     embeddings = model.embed_tokens[...] * (np.nan if nan_embeddings else 1)
     tensors = {"model.embed_tokens.weight": embeddings, "model.norm.weight": model.norm.weight[...]}
-    for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
+    for i in range(config.num_hidden_layers):
+        layer, prefix = model.layer(i), f"model.layers.{i}."
         tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight[...]
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight[...]
         for block in ("self_attn", "mlp"):

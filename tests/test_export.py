@@ -51,7 +51,7 @@ def test_bnb_nf4_export_is_byte_identical_to_transformers_and_bitsandbytes(tmp_p
     reference = MODELS / "llama3_rope_bnb_nf4"
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
-    assert load_model(out, quant="nf4").layers[0].self_attn.q_proj.quantized_weight().nbytes() > 0
+    assert load_model(out, quant="nf4").layer(0).self_attn.q_proj.quantized_weight().nbytes() > 0
 
 
 def test_transformers_reads_the_merged_export_as_we_do(tmp_path):

@@ -35,8 +35,8 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_copy):
     (tiny_copy / "model.safetensors").unlink()
     sharded = load_model(tiny_copy, quant="nf4")
     single = load_model(TINY, quant="nf4")
-    np.testing.assert_array_equal(np.asarray(sharded.layers[1].mlp.down_proj.packed[...]),
-                                  np.asarray(single.layers[1].mlp.down_proj.packed[...]))
+    np.testing.assert_array_equal(np.asarray(sharded.layer(1).mlp.down_proj.packed[...]),
+                                  np.asarray(single.layer(1).mlp.down_proj.packed[...]))
 
 
 def test_pickle_checkpoint_is_refused_with_conversion_hint(tiny_copy):

@@ -79,15 +79,15 @@ def test_lora_zero_b_is_identity():
 def test_lora_targets_every_block_linear_but_never_lm_head():
     model = random_model(_tiny_config(), lora=LoraConfig(rank=4))
     adapted = [m for _, m in nnx.iter_graph(model) if isinstance(m, QLoRALinear) and m.lora is not None]
-    assert len(adapted) == 2 * 7
+    assert len(adapted) == 7 and all(m.lora_a[...].shape[0] == 2 for m in adapted)  # 7 stacked over 2 layers
     assert model.lm_head is not None and not isinstance(model.lm_head, LoRAParam)
 
 
 def test_lora_init_follows_peft():
     model = random_model(_tiny_config(), lora=LoraConfig(rank=4))
-    a = np.asarray(model.layers[0].mlp.down_proj.lora_a[...])
+    a = np.asarray(model.layer(0).mlp.down_proj.lora_a[...])
     assert a.shape == (4, 128) and np.abs(a).max() <= 1 / np.sqrt(128) and a.std() > 0.5 / np.sqrt(3 * 128)
-    assert not np.asarray(model.layers[0].mlp.down_proj.lora_b[...]).any()
+    assert not np.asarray(model.layer(0).mlp.down_proj.lora_b[...]).any()
 
 
 @pytest.mark.parametrize("rslora,expected", [(False, 16 / 4), (True, 16 / 2)])
@@ -104,13 +104,14 @@ def test_gradients_reach_only_lora_params():
 
     grads = nnx.grad(loss, argnums=nnx.DiffState(0, LoRAParam))(model)
     leaves = jax.tree.leaves(nnx.state(grads))
-    assert len(leaves) == 2 * 7 * 2  # lora_a and lora_b of 14 layers, nothing else
+    assert len(leaves) == 2 * 7  # lora_a and lora_b of the 7 projections, stacked over the layers; nothing else
+    assert all(leaf.shape[0] == 2 for leaf in leaves)  # the layer axis
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
 
 
 def test_quantized_matmul_gradient_matches_dequantized_dense():
     layer_model = random_model(_tiny_config(), compute_dtype=jnp.float32)
-    layer = layer_model.layers[0].mlp.up_proj
+    layer = layer_model.layer(0).mlp.up_proj
     w = layer.base_weight(jnp.float32)
     x = jax.random.normal(jax.random.key(0), (3, 64))
     dx = jax.grad(lambda v: jnp.sum(jnp.sin(layer(v))))(x)

@@ -136,14 +136,15 @@ def test_loading_puts_each_frozen_tensor_on_its_shards(tiny_chat_model):
     mesh = parallel.make_mesh(MeshConfig(2, 4))
     model = load_model(tiny_chat_model, quant="nf4", lora=LoraConfig(rank=4), compute_dtype=jnp.float32, mesh=mesh)
     reference = load_model(tiny_chat_model, quant="nf4", lora=LoraConfig(rank=4), compute_dtype=jnp.float32)
-    q_proj = model.layers[0].self_attn.q_proj
-    for leaf, rows_per_device in ((q_proj.packed, 64 * 64 // 2 // 4), (q_proj.absmax, 64 * 64 // 64 // 4),
-                                  (model.embed_tokens, 49152 // 4)):
+    q_proj = model.layers.self_attn.q_proj  # stacked: [L, ...], split along each layer's rows, never over L
+    for leaf, spec, shard_shape in ((q_proj.packed, P(None, parallel.FSDP), (2, 64 * 64 // 2 // 4)),
+                                    (q_proj.absmax, P(None, parallel.FSDP), (2, 64 * 64 // 64 // 4)),
+                                    (model.embed_tokens, P(parallel.FSDP), (49152 // 4, 64))):
         array = leaf.get_value()
-        assert array.sharding.spec == P(parallel.FSDP)
-        assert {shard.data.shape[0] for shard in array.addressable_shards} == {rows_per_device}
-    for leaf in (q_proj.nested_absmax, q_proj.offset, model.norm.weight, model.layers[1].input_layernorm.weight):
-        assert leaf.get_value().sharding.spec == P()
+        assert array.sharding.spec == spec
+        assert {shard.data.shape for shard in array.addressable_shards} == {shard_shape}
+    for leaf in (q_proj.nested_absmax, q_proj.offset, model.norm.weight, model.layers.input_layernorm.weight):
+        assert leaf.get_value().sharding.is_fully_replicated
     for ours, theirs in zip(jax.tree.leaves(nnx.state(model, nnx.Not(LoRAParam))),
                             jax.tree.leaves(nnx.state(reference, nnx.Not(LoRAParam))), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
@@ -171,7 +172,7 @@ def _split_for(module, mesh):
 
 def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
     config, model, mesh = _sharded_tiny_model(layers=1)
-    graphdef, lora, frozen = _split_for(model.layers[0], mesh)
+    graphdef, lora, frozen = _split_for(model.layer(0), mesh)
     x = parallel.global_array(np.random.default_rng(0).normal(size=(8, 16, 64)).astype(np.float32),
                               NamedSharding(mesh, P(parallel.BATCH_AXES)))
     positions, mask = jnp.broadcast_to(jnp.arange(16), (8, 16)), jnp.ones((8, 16), bool)
@@ -184,7 +185,7 @@ def test_a_layer_gathers_its_weights_as_packed_bytes_not_floats():
     with parallel.use(mesh):
         ours = _gathers(step.lower(lora, frozen, x).compile().as_text())
     xla_alone = _gathers(step.lower(lora, frozen, x).compile().as_text())  # no mesh context: XLA partitions
-    linears = model.layers[0].self_attn, model.layers[0].mlp
+    linears = model.layer(0).self_attn, model.layer(0).mlp
     stored = sorted(leaf.size for module in linears for linear in vars(module).values() if hasattr(linear, "packed")
                     for leaf in (linear.packed.get_value(), linear.absmax.get_value()))
     itemsize = {"u8": 1, "s32": 4, "f32": 4, "bf16": 2}
@@ -201,7 +202,7 @@ def test_scanned_layers_gather_one_layer_at_a_time_forward_and_backward():
     """With the layers in a lax.scan, the packed gathers sit inside the forward and the backward loop
     bodies, never in the entry computation: no step holds every layer's whole weight."""
     _, model, mesh = _sharded_tiny_model(layers=2)
-    model.scan_layers, model.remat = True, "layer"
+    model.remat = "layer"
     graphdef, lora, frozen = _split_for(model, mesh)
     ids = parallel.global_array(np.zeros((8, 16), np.int32), NamedSharding(mesh, P(parallel.BATCH_AXES)))
 

@@ -308,6 +308,9 @@ BAD_INPUTS = [
      r"train\.steps=2 is smaller than step 4 of the checkpoint in .*run; set train\.steps >= 4"),
     ("bad model.path beside an existing run", _existing_run("model.path=/nonexistent/model"),
      r"model\.path '/nonexistent/model' is neither"),
+    ("checkpoint of the per-layer layout", _existing_run(),
+     r"run/checkpoints/step_2 holds one entry per decoder layer, the layout of qlora_jax 0\.1; this version stores "
+     r"the layers stacked and cannot resume it: use --set train\.run_name=NEW_NAME to start over"),
     ("truncated checkpoint files", _truncated_checkpoint,
      r"run/checkpoints/step_2 cannot be restored \(.*\); delete that directory to resume from the checkpoint "
      r"before it"),

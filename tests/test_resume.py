@@ -22,7 +22,7 @@ def run_dir(tmp_path):
 
 @pytest.mark.parametrize("override", ["quant.kernel=pallas", "train.eval_every=5", "train.save_every=7",
                                       "train.steps=300", "optimizer.offload=host", "mesh.data=2",
-                                      "train.loss_chunk=0", "train.scan_layers=false", "train.log_every=3"])
+                                      "train.loss_chunk=0", "train.log_every=3"])
 def test_resume_allows_settings_that_keep_the_checkpoint_meaning(run_dir, override):
     check_resume(run_dir, load_run_config(None, [override]), checkpoint_step=4)
 
