@@ -40,7 +40,7 @@ from .evaluate import mmlu
 from .loading import load_model
 from .lora import LoRAParam
 from .loss import token_loss
-from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_png
+from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_plot
 from .peft import load_peft_adapter, save_peft_adapter
 from .resume import check_resume
 from .tokenizer import load_tokenizer
@@ -445,9 +445,10 @@ class _Loop:
 
 def _write_summary(run_dir: Path, config: RunConfig, loop: _Loop, resume_step, model_dir: Path, log) -> dict:
     history = read_metrics(run_dir)
-    write_loss_png(run_dir / "loss_curve.png", {
-        "train": [(m["step"], m["loss"]) for m in history if "loss" in m],
-        "eval": [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]})
+    q = config.quant
+    quant = f"{q.quant_type}{'+dq' if q.double_quant and q.quantized else ''}" if q.quantized else "16-bit base"
+    write_loss_plot(run_dir / "loss_curve.png", history,
+                    f"{config.train.run_name}: {Path(config.model.path).name}, {quant}, LoRA r={config.lora.rank}")
     evals = [m["eval_loss"] for m in history if "eval_loss" in m]
     summary = {
         "initial_eval_loss": loop.initial_eval_loss if loop.initial_eval_loss is not None else evals[0],

@@ -1,11 +1,9 @@
 """Run outputs: TensorBoard event files read back with TensorBoard's own reader, metrics.jsonl, the PNG."""
 
-import struct
-import zlib
-
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlora_jax.metrics import MetricsWriter, read_metrics, write_loss_png
+from qlora_jax.metrics import MetricsWriter, read_metrics, write_loss_plot
 
 
 def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
@@ -39,15 +37,24 @@ def test_a_resumed_writer_hides_the_points_logged_after_the_checkpoint(tmp_path)
                                          (8, 18.0)]
 
 
-def test_loss_png_is_a_valid_png(tmp_path):
+def test_loss_plot_has_title_axes_smoothed_train_line_and_held_out_points(tmp_path):
+    from matplotlib import image
+
+    history = [{"step": 0, "eval_loss": 3.2}] + [{"step": s, "loss": 3.0 - 0.1 * s + 0.05 * (s % 2), "lr": 1e-4}
+                                                  for s in range(1, 21)] + [{"step": 20, "eval_loss": 2.1}]
     path = tmp_path / "curve.png"
-    write_loss_png(path, {"train": [(1, 3.0), (2, 2.5), (3, 2.0)], "eval": [(0, 3.2), (3, 2.2)]}, 120, 80)
-    raw = path.read_bytes()
-    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", raw[16:24])
-    assert (width, height) == (120, 80)
-    idat = raw.index(b"IDAT")
-    (length,) = struct.unpack(">I", raw[idat - 4:idat])
-    pixels = zlib.decompress(raw[idat + 4:idat + 4 + length])
-    assert len(pixels) == 80 * (1 + 120 * 3)
-    assert pixels.count(bytes([31, 119, 180])) > 10  # the train line is drawn
+    write_loss_plot(path, history, "run: model, nf4+dq, LoRA r=16")
+    pixels = image.imread(path)  # matplotlib's own PNG reader
+    assert pixels.shape[:2] == (600, 800)
+    rgb = (pixels[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    colours = {tuple(c) for c in rgb}
+    assert (31, 119, 180) in colours  # C0: the smoothed train line
+    assert (214, 39, 40) in colours  # C3: the held-out points
+    assert (44, 160, 44) in colours  # C2: the learning rate panel
+
+
+def test_smoothing_is_tensorboards():
+    from qlora_jax.metrics import _smoothed
+
+    assert _smoothed([1.0]) == [1.0]  # bias-corrected: the first point is itself
+    assert _smoothed([1.0, 3.0]) == pytest.approx([1.0, 1.0 + 2.0 * 0.4 / (1 - 0.36)])
