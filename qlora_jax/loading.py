@@ -109,16 +109,14 @@ def init_lora(model: LlamaForCausalLM, seed: int) -> None:
     Adapter number ``n`` (layer by layer, in graph order within a layer) draws from
     ``fold_in(key(seed), n)``.
     """
-    key, index = jax.random.key(seed), 0
-    for i in range(model.config.num_hidden_layers):
-        layer = model.layer(i)
-        for _, module in nnx.iter_graph(layer):
-            if isinstance(module, QLoRALinear) and module.lora is not None:
-                a, b = module.lora_a.get_value(), module.lora_b.get_value()
-                module.lora_a.set_value(kaiming_uniform_a_sqrt5(jax.random.fold_in(key, index), a.shape, a.dtype))
-                module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
-                index += 1
-        model.set_layer(i, layer)
+    key, layers = jax.random.key(seed), model.config.num_hidden_layers
+    adapted = [m for _, m in nnx.iter_graph(model.layers) if isinstance(m, QLoRALinear) and m.lora is not None]
+    for position, module in enumerate(adapted):  # stacked: each module holds its adapter of every layer
+        a, b = module.lora_a.get_value(), module.lora_b.get_value()
+        module.lora_a.set_value(jnp.stack([
+            kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:], a.dtype)
+            for i in range(layers)]))
+        module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
 
 
 def _place_frozen(module: nnx.Module, mesh) -> None:

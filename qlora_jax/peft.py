@@ -22,13 +22,15 @@ _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def _adapted_layers(model: LlamaForCausalLM):
-    """Per decoder layer: its index, the layer as its own module, and its adapted projections with PEFT's names."""
-    for i in range(model.config.num_hidden_layers):
-        layer = model.layer(i)
-        projections = [(f"base_model.model.model.layers.{i}.{block}.{name}", getattr(getattr(layer, block), name))
-                       for name, block in _BLOCK.items()]
-        yield i, layer, [(prefix, module) for prefix, module in projections if module.lora is not None]
+def _adapted_projections(model: LlamaForCausalLM):
+    """``(PEFT prefixes of layers 0..L-1, stacked projection)`` for each adapted projection: its ``lora_a`` and
+    ``lora_b`` hold every layer's adapter along their first axis."""
+    for name, block in _BLOCK.items():
+        module: QLoRALinear = getattr(getattr(model.layers, block), name)
+        if module.lora is not None:
+            prefixes = [f"base_model.model.model.layers.{i}.{block}.{name}"
+                        for i in range(model.config.num_hidden_layers)]
+            yield prefixes, module
 
 
 def adapter_config(lora: LoraConfig, base_model: str) -> dict:
@@ -53,10 +55,10 @@ def save_peft_adapter(model: LlamaForCausalLM, out_dir: Path, base_model: str) -
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     tensors = {}
-    for _, _, projections in _adapted_layers(model):
-        for prefix, module in projections:
-            tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32)
+    for prefixes, module in _adapted_projections(model):
+        for suffix, stacked in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+            values = np.asarray(stacked[...], np.float32)  # [L, ...]
+            tensors.update({f"{prefix}.{suffix}.weight": values[i] for i, prefix in enumerate(prefixes)})
     save_file(tensors, partial / "adapter_model.safetensors", metadata={"format": "pt"})
     (partial / "adapter_config.json").write_text(json.dumps(adapter_config(model.lora, base_model), indent=2))
     replace_directory(partial, out_dir)
@@ -97,23 +99,24 @@ def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: Path) -> None:
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     tensors = load_file(weights)
-    for index, layer, projections in _adapted_layers(model):
-        for prefix, module in projections:
-            _load_projection(module, prefix, tensors, adapter_dir, weights)
-        model.set_layer(index, layer)
+    for prefixes, module in _adapted_projections(model):
+        for suffix, stacked in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+            layer_shape = stacked.get_value().shape[1:]
+            values = [_adapter_tensor(tensors, f"{prefix}.{suffix}", layer_shape, adapter_dir, weights)
+                      for prefix in prefixes]
+            stacked.set_value(jnp.asarray(np.stack(values)))
 
 
-def _load_projection(module: QLoRALinear, prefix: str, tensors: dict, adapter_dir: Path, weights: Path) -> None:
-    for suffix, variable in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
-        name = next((k for k in (f"{prefix}.{suffix}.weight", f"{prefix}.{suffix}.default.weight")
-                     if k in tensors), None)
-        if name is None:
-            raise ValueError(f"{adapter_dir}: adapter lacks {prefix}.{suffix}.weight (different base model?)")
-        if tensors[name].shape != variable.get_value().shape:
-            raise ValueError(f"{adapter_dir}: {name} has shape {tensors[name].shape}, the model expects "
-                             f"{variable.get_value().shape} (different base model or rank?)")
-        values = np.asarray(tensors[name], np.float32)
-        if not np.isfinite(values).all():
-            raise ValueError(f"{weights}: tensor {name!r} holds {np.count_nonzero(~np.isfinite(values))} NaN/Inf "
-                             "values (the adapter was saved from a diverged run?)")
-        variable.set_value(jnp.asarray(values))
+def _adapter_tensor(tensors: dict, key: str, shape: tuple, adapter_dir: Path, weights: Path) -> np.ndarray:
+    """One layer's adapter matrix ``key`` (PEFT's name, with or without ``.default``), checked: ``f32[shape]``."""
+    name = next((k for k in (f"{key}.weight", f"{key}.default.weight") if k in tensors), None)
+    if name is None:
+        raise ValueError(f"{adapter_dir}: adapter lacks {key}.weight (different base model?)")
+    if tensors[name].shape != shape:
+        raise ValueError(f"{adapter_dir}: {name} has shape {tensors[name].shape}, the model expects "
+                         f"{shape} (different base model or rank?)")
+    values = np.asarray(tensors[name], np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{weights}: tensor {name!r} holds {np.count_nonzero(~np.isfinite(values))} NaN/Inf "
+                         "values (the adapter was saved from a diverged run?)")
+    return values
