@@ -13,9 +13,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import CHECKPOINTING, LoraConfig, ModelConfig, QuantConfig
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import CHECKPOINTING, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 from .inspect import memory_report
 from .loading import read_config
+from .lora import LoRAParam
+from .model import LlamaForCausalLM
+from .train import make_train_step
 
 GIB = 1024 ** 3
 
@@ -127,15 +134,6 @@ def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     ``host_*`` are the parts XLA places in host memory (the CPU backend reports none: all its
     memory is host memory). One device only.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from .config import OptimConfig
-    from .lora import LoRAParam
-    from .model import LlamaForCausalLM
-    from .train import make_train_step
-
     if shape.devices > 1:
         raise ValueError("--compiled compiles the step for one device; drop --data/--fsdp (the formula above gives "
                          "the per-device parts on a mesh)")
@@ -176,7 +174,7 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
-    lines = [f"compiled ({_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
+    lines = [f"compiled ({jax.default_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
     for label, value, predicted, what in rows:
         beside = f"   formula {predicted / GIB:8.2f} GiB" if predicted is not None else " " * 25
         lines.append(f"  {label:<28} {value / GIB:8.2f} GiB{beside}   ({what})")
@@ -184,12 +182,6 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
     if host:
         lines.append(f"  {'host memory':<28} {host / GIB:8.2f} GiB   (offloaded state, not counted in peak)")
     return "\n".join(lines)
-
-
-def _backend() -> str:
-    import jax
-
-    return jax.default_backend()
 
 
 def resolve_model(name: str) -> ModelConfig:

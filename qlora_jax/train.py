@@ -238,14 +238,9 @@ def _restore(run_dir: Path, step: int, lora, opt_state):
     """The state of checkpoint ``step``, read before anything is written; a damaged one is refused, named."""
     checkpoints = Checkpoints(run_dir, 1)
     try:
-        if checkpoints.meta(step).get("layout") != LAYOUT:
-            raise ConfigError(f"{run_dir}/checkpoints/step_{step} holds one entry per decoder layer, the layout of "
-                              "qlora_jax 0.1; this version stores the layers stacked and cannot resume it: use --set "
-                              "train.run_name=NEW_NAME to start over (its adapter/ directory still loads as a PEFT "
-                              "adapter, e.g. as model.adapter)")
-        state, meta = checkpoints.restore(step, {"lora": lora, "opt_state": opt_state})
-    except ConfigError:
-        raise
+        layout = checkpoints.meta(step).get("layout")
+        if layout == LAYOUT:
+            state, meta = checkpoints.restore(step, {"lora": lora, "opt_state": opt_state})
     except Exception as err:  # orbax/tensorstore raise many types for damaged files; all mean the same here
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir}/checkpoints/step_{step} cannot be restored ({reason}); delete that directory "
@@ -253,6 +248,11 @@ def _restore(run_dir: Path, step: int, lora, opt_state):
                           "over") from None
     finally:
         checkpoints.close()
+    if layout != LAYOUT:
+        raise ConfigError(f"{run_dir}/checkpoints/step_{step} holds one entry per decoder layer, the layout of "
+                          "qlora_jax 0.1; this version stores the layers stacked and cannot resume it: use --set "
+                          "train.run_name=NEW_NAME to start over (its adapter/ directory still loads as a PEFT "
+                          "adapter, e.g. as model.adapter)")
     return state["lora"], state["opt_state"], meta["data"]
 
 

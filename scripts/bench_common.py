@@ -6,8 +6,12 @@ machine without a model hub can run them, plus ``tiny``: 2 layers of width 64, f
 CPU rehearsal of ``scripts/gpu_check.sh`` (``tests/test_gpu_check.py``).
 """
 
+import statistics
 import sys
+import time
 from pathlib import Path
+
+import jax
 
 from qlora_jax.config import ModelConfig
 from qlora_jax.memory import PRESETS
@@ -30,6 +34,22 @@ class Report:
             if self.out:
                 with self.out.open("a") as file:
                     file.write(line + "\n")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` (results waited for), after one call that compiles and warms up."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"1,16,512"`` -> ``(1, 16, 512)`` (argparse type)."""
+    return tuple(int(v) for v in text.split(","))
 
 
 def fail(message: str) -> int:

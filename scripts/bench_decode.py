@@ -13,14 +13,12 @@ time of the full call minus prefill. "weights MiB" is what every decode step rea
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from bench_common import RANDOM_MODELS, Report, fail
+from bench_common import RANDOM_MODELS, Report, fail, int_list, median_seconds
 from flax import nnx
 
 from qlora_jax.config import QuantConfig
@@ -32,30 +30,16 @@ VARIANTS = {"nf4": QuantConfig("nf4", 64, True, kernel="auto"), "nf4-xla": Quant
 GREEDY = Sampling(temperature=0.0, seed=0)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
     ids = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0, model.config.vocab_size, jnp.int32)
     mask = jnp.ones_like(ids, bool)
-    prefill = _median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=1, sampling=GREEDY), repeats)
-    full = _median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=new_tokens + 1, sampling=GREEDY),
-                           repeats)
+    prefill = median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=1, sampling=GREEDY), repeats)
+    full = median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=new_tokens + 1, sampling=GREEDY),
+                          repeats)
     decode = full - prefill  # <= 0 only when the timing noise exceeds the decode time (tiny models)
     return {"prefill_tokens_per_second": batch * prompt_len / prefill,
             "decode_tokens_per_second": batch * new_tokens / decode if decode > 0 else None,
             "ms_per_token": 1e3 * decode / new_tokens if decode > 0 else None}
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
 
 
 def main() -> int:
@@ -64,7 +48,7 @@ def main() -> int:
     parser.add_argument("--model", choices=tuple(RANDOM_MODELS), default="tinyllama-1.1b")
     parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
-    parser.add_argument("--batch", type=_ints, default=(1, 8), help="batch sizes, comma-separated")
+    parser.add_argument("--batch", type=int_list, default=(1, 8), help="batch sizes, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)

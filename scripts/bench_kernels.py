@@ -20,15 +20,13 @@ then the transposed (input-gradient) product at M = 512 and 4096. Each line is w
 import argparse
 import dataclasses
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import Report, fail
+from bench_common import Report, fail, int_list, median_seconds
 
 from pallas_kernels import TUNED, nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference
 from qlora_jax.quant import QuantizedTensor, quantize
@@ -47,16 +45,6 @@ EDGE_CASES = [(1, 1040, 2112, q, 64) for q in ("nf4", "fp4", "int4")] + \
              [(130, 1040, 2112, q, 64) for q in ("nf4", "fp4")] + [(70, 208, 1024, "int4", 128)]
 LARGE_CASES = [(16, 4096, 4096, "nf4", 64), (512, 11008, 4096, "nf4", 64), (4096, 4096, 4096, "nf4", 64)]
 TINY_CASES = [(1, 48, 192, "nf4", 64), (5, 48, 192, "fp4", 64), (3, 32, 256, "int4", 128)]
-
-
-def _median_seconds(fn, *args, repeats: int = 30) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _weight(n: int, k: int, seed: int, quant_type: str = "nf4",
@@ -113,9 +101,9 @@ def bench_table(m_values, shapes, transposed: bool, report: Report, interpret: b
         weight, dense = _weight(n, k, 0)
         for m in m_values:
             a = jax.random.normal(jax.random.key(m), (m, n if transposed else k), jnp.bfloat16)
-            seconds = {"pallas": _median_seconds(jax.jit(kernel), a, weight, repeats=repeats),
-                       "xla": _median_seconds(jax.jit(reference), a, weight, repeats=repeats),
-                       "bf16": _median_seconds(bf16_dot, a, dense, repeats=repeats)}
+            seconds = {"pallas": median_seconds(functools.partial(jax.jit(kernel), a, weight), repeats),
+                       "xla": median_seconds(functools.partial(jax.jit(reference), a, weight), repeats),
+                       "bf16": median_seconds(functools.partial(bf16_dot, a, dense), repeats)}
             report(_row(f"{label} ({n} x {k})", m, n, k, seconds))
 
 
@@ -133,18 +121,14 @@ def sweep(report: Report) -> None:
                         sizes = dataclasses.replace(tuned, block_m=block_m, block_n=block_n, splits=splits,
                                                     num_warps=num_warps)
                         try:
-                            t = _median_seconds(jax.jit(lambda a, w, s=sizes: nf4_matmul(a, w, block_sizes=s)),
-                                                x, weight, repeats=10)
+                            fn = jax.jit(functools.partial(nf4_matmul, block_sizes=sizes))
+                            t = median_seconds(functools.partial(fn, x, weight), 10)
                         except Exception as exc:  # a tile Triton cannot compile is skipped, not fatal
                             print(f"  skip {sizes}: {type(exc).__name__}", file=sys.stderr)
                             continue
                         results.append((t, sizes))
         best_t, best = min(results, key=lambda r: r[0])
         report(f"- M <= {max_m}: best {best} at {best_t * 1e6:.1f} us (tuned entry: {tuned})")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
 
 
 def main() -> int:
@@ -154,7 +138,7 @@ def main() -> int:
     parser.add_argument("--skip-check", action="store_true", help="time only (the checks ran in another call)")
     parser.add_argument("--sweep", action="store_true", help="time tile sizes instead of printing the table")
     parser.add_argument("--shapes", default="7b,70b", help="comma-separated: 7b, 70b")
-    parser.add_argument("--m", type=_ints, default=M_VALUES, help="rows of activations, comma-separated")
+    parser.add_argument("--m", type=int_list, default=M_VALUES, help="rows of activations, comma-separated")
     parser.add_argument("--interpret", action="store_true", help="run the kernels in Pallas' interpreter (any backend)")
     args = parser.parse_args()
     prefixes = tuple(p.strip().upper() + " " for p in args.shapes.split(","))
