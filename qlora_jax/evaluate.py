@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .cli import add_model_args, model_source, quant_config
 from .config import DATA_FORMATS, DataConfig
 from .data import IGNORE, DataError, load_dataset, read_records, string_field
 from .loading import load_for_inference
@@ -154,12 +155,7 @@ def mmlu(model: LlamaForCausalLM, tokenizer: Tokenizer, directory: Path, k: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_jax.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
-    parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"])
-    parser.add_argument("--blocksize", type=int, default=64)
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                        help="double-quantized absmax, as training uses by default")
+    add_model_args(parser)
     parser.add_argument("--data", type=Path, help="JSON / JSON Lines records for perplexity")
     parser.add_argument("--format", default="text", choices=DATA_FORMATS)
     parser.add_argument("--max-len", type=int, default=1024, help="tokens per window / example")
@@ -174,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         args.stride = args.stride or args.max_len // 2
         if not 0 < args.stride <= args.max_len:
             raise ValueError(f"--stride={args.stride} must be in [1, --max-len={args.max_len}]")
-        model, tokenizer = load_for_inference(args.model, args.adapter, args.quant, args.blocksize, args.double_quant)
+        source = model_source(args)
+        model, tokenizer = load_for_inference(source, args.adapter, quant_config(args), args.revision,
+                                              args.compute_dtype)
         if args.mmlu:
             result = mmlu(model, tokenizer, args.mmlu, args.k)
         else:
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
+    result = {"model": source, "adapter": str(args.adapter) if args.adapter else None,
               "quant": args.quant, **result}
     if args.json:
         print(json.dumps(result))

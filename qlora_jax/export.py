@@ -28,9 +28,12 @@ import ml_dtypes
 import numpy as np
 
 from .atomic import replace_directory
+from .cli import add_model_args, model_source, quant_config
+from .config import QuantConfig
 from .loading import LINEAR_NAMES, load_model, read_config
 from .lora import QLoRALinear
 from .model import LlamaForCausalLM
+from .model_source import resolve_model_dir
 from .peft import load_peft_adapter, read_adapter_config
 from .safetensors_io import save_streaming
 
@@ -79,13 +82,11 @@ def _has_bias(model: LlamaForCausalLM, name: str) -> bool:
     return model.config.attention_bias and name in ("q_proj", "k_proj", "v_proj")
 
 
-def export_merged(model_dir: Path, adapter_dir: Path | None, out_dir: Path, quant: str = "nf4", blocksize: int = 64,
-                  double_quant: bool = True) -> Path:
+def export_merged(model_dir: Path, adapter_dir: Path | None, out_dir: Path, quant: QuantConfig = QuantConfig()) -> Path:
     """Load ``model_dir`` as the fine-tune did (``quant``), add the adapter, write the merged bf16 model."""
     _, raw = read_config(model_dir)
     lora = read_adapter_config(adapter_dir) if adapter_dir else None
-    model = load_model(model_dir, quant=quant, blocksize=blocksize, double_quant=double_quant, lora=lora,
-                       compute_dtype=jnp.float32)
+    model = load_model(model_dir, quant=quant, lora=lora, compute_dtype=jnp.float32)
     if adapter_dir:
         load_peft_adapter(model, adapter_dir)
     producers = _tensors(model)
@@ -127,7 +128,7 @@ def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_q
     quantized weights (transformers records the dtype the model was loaded in).
     """
     _, raw = read_config(model_dir)
-    model = load_model(model_dir, quant=quant_type, double_quant=double_quant, compute_dtype=jnp.float32)
+    model = load_model(model_dir, quant=QuantConfig(quant_type, double_quant=double_quant), compute_dtype=jnp.float32)
     numpy_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     arrays: dict[str, tuple] = {}  # name -> (shape, dtype, producer)
     layer = _layer_reader(model)
@@ -161,28 +162,23 @@ def _shape_of(model: LlamaForCausalLM, name: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_jax.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="the base model directory the adapter was trained on")
-    parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    add_model_args(parser)
     parser.add_argument("--merge", action="store_true", help="write base + adapter as one bf16 model")
     parser.add_argument("--format", default="bf16", choices=["bf16", "bnb-nf4"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="bnb-nf4: dtype of the unquantized tensors and of the compute")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
-                        help="how the base was held while training (the merge adds the delta to that base)")
-    parser.add_argument("--blocksize", type=int, default=64)
-    parser.add_argument("--no-double-quant", action="store_true")
     args = parser.parse_args(argv)
     try:
+        model_dir = resolve_model_dir(model_source(args), args.revision)
         if args.format == "bnb-nf4":
             if args.adapter or args.merge:
                 raise ValueError("--format bnb-nf4 writes the 4-bit base alone; load the adapter on top with PEFT")
-            out = export_bnb(args.model, args.out, "nf4", not args.no_double_quant, args.dtype)
+            out = export_bnb(model_dir, args.out, "nf4", args.double_quant, args.dtype)
         elif not args.merge:
             raise ValueError("--format bf16 needs --merge: it writes base + adapter as one bf16 model")
-        else:
-            out = export_merged(args.model, args.adapter, args.out, args.quant, args.blocksize,
-                                not args.no_double_quant)
+        else:  # --quant etc.: how the base was held while training (the merge adds the delta to that base)
+            out = export_merged(model_dir, args.adapter, args.out, quant_config(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .cli import add_model_args, model_source, quant_config
 from .loading import load_for_inference
 from .model import KVCache, LlamaForCausalLM
 from .tokenizer import Tokenizer
@@ -193,9 +194,7 @@ def _chat(model, tokenizer, args, sampling) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_jax.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--adapter", type=Path)
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"])
+    add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt")
     source.add_argument("--chat", action="store_true")
@@ -211,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         records = _read_prompts(args.prompts) if args.prompts else None
-        model, tokenizer = load_for_inference(args.model, args.adapter, args.quant)
+        model, tokenizer = load_for_inference(model_source(args), args.adapter, quant_config(args), args.revision,
+                                              args.compute_dtype)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

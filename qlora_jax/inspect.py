@@ -1,4 +1,7 @@
-"""``python -m qlora_jax.inspect DIR``: architecture, parameter counts and bytes as qlora_jax holds the model.
+"""``python -m qlora_jax.inspect (MODEL_DIR | ADAPTER_DIR | --model SOURCE)``: parameters and bytes as held.
+
+Architecture, parameter counts and bytes as qlora_jax holds the model, with an adapter's real
+rank, alpha and targets when an adapter directory is given.
 
 Shapes are computed abstractly (``nnx.eval_shape``), so no weights are read or allocated.
 """
@@ -12,10 +15,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from .cli import add_model_args, model_source, quant_config
 from .config import LoraConfig, ModelConfig, QuantConfig
 from .loading import bnb_quant_config, read_config
 from .lora import Frozen, LoRAParam, QuantState
 from .model import LlamaForCausalLM
+from .model_source import resolve_model_dir
+from .peft import read_adapter_config
 
 
 def _size(leaf) -> tuple[int, int]:
@@ -45,7 +51,7 @@ def _memory_report(config: ModelConfig, quant: QuantConfig, lora: LoraConfig | N
     return report
 
 
-def describe(directory: Path, quant: QuantConfig, lora: LoraConfig | None) -> str:
+def describe(directory: Path, quant: QuantConfig, lora: LoraConfig | None, adapter: Path | None = None) -> str:
     config, raw = read_config(directory)
     stored = bnb_quant_config(raw, str(directory / "config.json"))
     quant = stored or quant
@@ -66,7 +72,9 @@ def describe(directory: Path, quant: QuantConfig, lora: LoraConfig | None) -> st
                      f"{8 * base_linear_bytes / r['linear_params']:.3f} bits/param")
     lines.append(f"unquantized frozen (bf16): {r['frozen_bytes'] / mib:.1f} MiB")
     if lora is not None:
-        lines.append(f"LoRA (r={lora.rank}, fp32): {r['lora_params']:,} params, {r['lora_bytes'] / mib:.1f} MiB")
+        where = f"adapter {adapter}: " if adapter else ""
+        lines.append(f"{where}LoRA (r={lora.rank}, alpha={lora.alpha:g}, targets={','.join(lora.targets)}, fp32): "
+                     f"{r['lora_params']:,} params, {r['lora_bytes'] / mib:.1f} MiB")
     total = r["codes_bytes"] + r["constants_bytes"] + r["frozen_bytes"] + r["lora_bytes"]
     lines.append(f"total held: {total / mib:.1f} MiB")
     return "\n".join(lines)
@@ -74,16 +82,24 @@ def describe(directory: Path, quant: QuantConfig, lora: LoraConfig | None) -> st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_jax.inspect", description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="Hugging Face model directory")
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"])
-    parser.add_argument("--blocksize", type=int, default=64)
-    parser.add_argument("--no-double-quant", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=64, help="0 for no adapters")
+    parser.add_argument("directory", nargs="?", type=Path,
+                        help="a model directory, or a PEFT adapter directory (its base model is described with "
+                             "the adapter's real rank, alpha and targets)")
+    add_model_args(parser)
+    parser.add_argument("--lora-rank", type=int, default=64,
+                        help="rank of hypothetical adapters on all projections when no adapter is given; 0: none")
     args = parser.parse_args(argv)
     try:
-        quant = QuantConfig(args.quant, args.blocksize, not args.no_double_quant)
-        lora = LoraConfig(rank=args.lora_rank) if args.lora_rank else None
-        print(describe(args.model, quant, lora))
+        if args.directory is not None and (args.directory / "adapter_config.json").is_file():
+            args.adapter = args.adapter or args.directory
+        elif args.directory is not None:
+            args.model = args.model or str(args.directory)
+        if args.adapter:
+            lora = read_adapter_config(args.adapter)
+        else:
+            lora = LoraConfig(rank=args.lora_rank) if args.lora_rank else None
+        model_dir = resolve_model_dir(model_source(args), args.revision)
+        print(describe(model_dir, quant_config(args), lora, args.adapter))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,8 @@ from .config import LoraConfig, ModelConfig, QuantConfig
 from .jsonio import read_json_object
 from .lora import LoRAParam, QLoRALinear, kaiming_uniform_a_sqrt5
 from .model import LlamaForCausalLM
+from .model_source import compute_dtype as resolve_compute_dtype
+from .model_source import resolve_model_dir
 from .peft import load_peft_adapter, read_adapter_config
 from .quant import QuantizedTensor
 from .tokenizer import load_tokenizer
@@ -126,26 +128,26 @@ def _place_frozen(module: nnx.Module, mesh) -> None:
         nnx.update(module, parallel.shard_frozen(frozen, mesh))
 
 
-def load_model(path: str | Path, quant: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-               lora: LoraConfig | None = None, compute_dtype=jnp.bfloat16, seed: int = 0,
-               verbose: bool = False, kernel: str = "auto", mesh=None, remat: str = "none") -> LlamaForCausalLM:
+def load_model(path: str | Path, quant: QuantConfig | str = QuantConfig(), lora: LoraConfig | None = None,
+               compute_dtype=jnp.bfloat16, seed: int = 0, verbose: bool = False, mesh=None,
+               remat: str = "none") -> LlamaForCausalLM:
     """Load a local Hugging Face LLaMA-family directory as a QLoRA model.
 
-    ``quant``: nf4 (default), fp4, int4, or none (bf16 base). A bitsandbytes 4-bit
-    checkpoint is loaded as stored; its type must match ``quant``/``blocksize``/
-    ``double_quant``. ``lora``: adapters on the configured targets (None: no adapters).
-    ``verbose`` prints the peak resident memory after loading. ``kernel``: the 4-bit
-    matmul (``QuantConfig.kernel``). ``mesh``: a ``jax.sharding.Mesh`` to shard the frozen
+    ``quant``: how the base is held (a ``QuantConfig``; a type name such as ``"none"``
+    means that type with the default blocksize and double quantization). A bitsandbytes
+    4-bit checkpoint is loaded as stored; its storage must match ``quant``. ``lora``:
+    adapters on the configured targets (None: no adapters). ``verbose`` prints the peak
+    resident memory after loading. ``mesh``: a ``jax.sharding.Mesh`` to shard the frozen
     weights over (``parallel.frozen_spec``); the LoRA parameters stay where they are created.
     """
     directory = Path(path)
     config, raw = read_config(directory)
-    quant_config = QuantConfig(quant_type=quant, blocksize=blocksize, double_quant=double_quant, kernel=kernel)
+    quant_config = QuantConfig(quant_type=quant) if isinstance(quant, str) else quant
     stored = bnb_quant_config(raw, str(directory / "config.json"))
     if stored is not None and stored.storage != quant_config.storage:
         raise ValueError(f"{directory} is a bitsandbytes checkpoint quantized as {stored.quant_type}, blocksize "
                          f"{stored.blocksize}, double_quant={stored.double_quant}; load it with those settings "
-                         f"(asked for {quant}, {blocksize}, double_quant={double_quant})")
+                         f"(asked for {', '.join(map(str, quant_config.storage))})")
     with CheckpointReader(directory) as reader:
         _check_checkpoint(reader, config, stored is not None, directory)
         model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant_config, lora=lora,
@@ -209,18 +211,16 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
     return model
 
 
-def lora_state(model: nnx.Module) -> nnx.State:
-    """The adapters only (what training updates and adapter checkpoints store)."""
-    return nnx.state(model, LoRAParam)
+def load_for_inference(source: str | Path, adapter_dir: Path | None = None, quant: QuantConfig = QuantConfig(),
+                       revision: str | None = None, compute_dtype: str = "auto"):
+    """The model (``quant`` base + optional PEFT adapter) and its tokenizer.
 
-
-def load_for_inference(model_dir: Path, adapter_dir: Path | None = None, quant: str = "nf4", blocksize: int = 64,
-                       double_quant: bool = True):
-    """The model (``quant`` base + optional PEFT adapter; f32 compute on CPU, bf16 elsewhere) and its tokenizer."""
+    ``source``: a built-in name, a directory or a cached Hugging Face repo id
+    (``model_source.resolve_model_dir``); ``compute_dtype`` as ``ModelSource.compute_dtype``.
+    """
+    model_dir = resolve_model_dir(source, revision)
     lora = read_adapter_config(adapter_dir) if adapter_dir else None
-    compute_dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    model = load_model(model_dir, quant=quant, blocksize=blocksize, double_quant=double_quant, lora=lora,
-                       compute_dtype=compute_dtype)
+    model = load_model(model_dir, quant=quant, lora=lora, compute_dtype=resolve_compute_dtype(compute_dtype))
     if adapter_dir:
         load_peft_adapter(model, adapter_dir)
     return model, load_tokenizer(model_dir)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from . import assets, atomic, parallel
+from . import atomic, parallel
 from .checkpoint import LAYOUT, Checkpoints
 from .config import RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
@@ -41,27 +41,10 @@ from .loading import load_model
 from .lora import LoRAParam
 from .loss import token_loss
 from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_plot
+from .model_source import compute_dtype, resolve_model_dir, source_name
 from .peft import load_peft_adapter, save_peft_adapter
 from .resume import check_resume
 from .tokenizer import load_tokenizer
-
-BUILTIN_MODELS = {"smollm2-135m-instruct": assets.prepared_smollm2}
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A model directory, converting a built-in model on first use."""
-    if path in BUILTIN_MODELS:
-        return BUILTIN_MODELS[path]()
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model.path {path!r} is neither a directory nor one of {sorted(BUILTIN_MODELS)}")
-    return directory
-
-
-def resolve_compute_dtype(name: str):
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(name)
 
 
 def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -212,7 +195,7 @@ def _check_free_space(location: Path, lora, opt_state, keep: int) -> None:
 
 def _read_inputs(config: RunConfig, log):
     """The model directory, tokenizer and data, validated before anything is loaded onto devices or written."""
-    model_dir = resolve_model_dir(config.model.path)
+    model_dir = resolve_model_dir(config.model.path, config.model.revision)
     tokenizer = load_tokenizer(model_dir)
     dataset = load_dataset(config.data, tokenizer, config.train.seed)
     log(f"data: {len(dataset.train)} train / {len(dataset.eval)} held-out examples; {dataset.truncated} truncated "
@@ -224,11 +207,9 @@ def _read_inputs(config: RunConfig, log):
 
 
 def _load_model(config: RunConfig, model_dir: Path, mesh):
-    q = config.quant
-    model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                       lora=config.lora, compute_dtype=resolve_compute_dtype(config.model.compute_dtype),
-                       seed=config.train.seed, verbose=True, kernel=q.kernel, mesh=mesh,
-                       remat=config.train.gradient_checkpointing)
+    model = load_model(model_dir, quant=config.quant, lora=config.lora,
+                       compute_dtype=compute_dtype(config.model.compute_dtype), seed=config.train.seed, verbose=True,
+                       mesh=mesh, remat=config.train.gradient_checkpointing)
     if config.model.adapter:
         load_peft_adapter(model, Path(config.model.adapter).expanduser())
     return model
@@ -319,7 +300,7 @@ def train(config: RunConfig, log=print) -> dict:
     if not primary:
         return {}
     model = nnx.merge(graphdef, lora, frozen)
-    save_peft_adapter(model, run_dir / "adapter", str(model_dir))
+    save_peft_adapter(model, run_dir / "adapter", source_name(config.model.path, model_dir))
     return _write_summary(run_dir, config, loop, resume_step, model_dir, log)
 
 

@@ -49,9 +49,8 @@ LOSS_CHUNK = 128
 
 def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype, remat: str):
     if name == "smollm2":
-        return load_model(assets.prepared_smollm2(), quant=quant.quant_type, blocksize=quant.blocksize,
-                          double_quant=quant.double_quant, kernel=quant.kernel, lora=lora,
-                          compute_dtype=compute_dtype, remat=remat)
+        return load_model(assets.prepared_smollm2(), quant=quant, lora=lora, compute_dtype=compute_dtype,
+                          remat=remat)
     return random_model(RANDOM_MODELS[name], quant=quant, lora=lora, compute_dtype=compute_dtype, remat=remat)
 
 

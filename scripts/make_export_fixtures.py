@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from qlora_jax.config import QuantConfig
 from qlora_jax.export import export_merged
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
@@ -24,7 +25,7 @@ def main() -> None:
     reference = np.load(MODELS / "reference_logits.npz")
     with tempfile.TemporaryDirectory() as tmp:
         merged = export_merged(MODELS / "llama3_rope", MODELS / "llama3_rope_peft_adapter", Path(tmp) / "merged",
-                               quant="none")
+                               quant=QuantConfig("none"))
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, attn_implementation="eager").eval()
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(reference["right_ids"]).long(),

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from qlora_jax import assets
+from qlora_jax.config import QuantConfig
 from qlora_jax.config_io import load_run_config
 from qlora_jax.data import load_dataset
 from qlora_jax.evaluate import score_tokens
@@ -63,7 +64,7 @@ def data_types_table(examples) -> list[str]:
              "|---|---|---|"]
     model_dir = assets.prepared_smollm2()
     for label, quant, double_quant in DATA_TYPES:
-        model = load_model(model_dir, quant=quant, blocksize=64, double_quant=double_quant, compute_dtype=jnp.float32)
+        model = load_model(model_dir, quant=QuantConfig(quant, 64, double_quant), compute_dtype=jnp.float32)
         lines.append(f"| {label} | {perplexity(model, examples):.4f} | {linear_bits(model):.3f} |")
         print(lines[-1], flush=True)
     return lines

