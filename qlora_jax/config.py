@@ -101,16 +101,6 @@ class ModelConfig:
             problems.append(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         _raise_all(problems)
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        if self.eos_token_id is None:
-            return ()
-        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
-
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``[out_features, in_features]`` of each linear layer of one decoder block."""
         d, f, k = self.hidden_size, self.intermediate_size, self.head_dim

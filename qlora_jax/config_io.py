@@ -20,10 +20,6 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names the file and key."""
 
 
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
-
-
 def _coerce(value, annotation, where: str):
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:

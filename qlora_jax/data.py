@@ -182,7 +182,8 @@ class Encoder:
 
         The conversation is rendered and tokenized once; a token is trained when its
         characters lie inside an assistant reply (located verbatim in the rendered
-        text) or the end-of-turn text the template puts after replies.
+        text, or without its outer whitespace when the template trims it) or the
+        end-of-turn text the template puts after replies.
         """
         budget, kept = 16 * self.config.max_len, len(messages)  # characters: far beyond max_len tokens
         for k in range(len(messages)):
@@ -199,17 +200,25 @@ class Encoder:
         text = self.tokenizer.apply_chat_template(messages)
         spans, cursor = [], 0
         for message in messages:
-            start = text.find(message["content"], cursor)
+            content = message["content"]
+            start = text.find(content, cursor)
+            if start < 0:  # templates that trim messages (LLaMA-2's, LLaMA-3's) drop outer whitespace
+                content = content.strip()
+                start = text.find(content, cursor)
             if start < 0:
                 raise DataError("the chat template changes message contents; cannot locate replies to train on")
-            cursor = start + len(message["content"])
+            cursor = start + len(content)
             if message["role"] == "assistant":
-                end = cursor + len(self._end_of_turn) if text.startswith(self._end_of_turn, cursor) else cursor
-                spans.append((start, end))
+                gap = len(text[cursor:]) - len(text[cursor:].lstrip())  # LLaMA-2 writes " </s>" after a reply
+                eot = self._end_of_turn and text.startswith(self._end_of_turn, cursor + gap)
+                spans.append((start, cursor + gap + len(self._end_of_turn) if eot else cursor))
         ids, offsets = self.tokenizer.encode_with_offsets(text)
+        # a token's span without its leading whitespace (SentencePiece "▁Hi", GPT-2 "ĠHi" cover the space before)
+        begins = np.asarray([b + (len(text[b:e]) - len(text[b:e].lstrip()) if text[b:e].strip() else 0)
+                             for b, e in offsets], np.int64)
         train = np.zeros(len(ids), bool)
         for start, end in spans:
-            train |= (offsets[:, 0] >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
+            train |= (begins >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
         if self.config.train_on_source:
             train[:] = True
         ids = np.asarray(ids, np.int32)

@@ -13,7 +13,7 @@ MMLU-style multiple choice (``--mmlu DIR``): the standard CSV layout
 rows ``question, A, B, C, D, answer``), prompts as the QLoRA repository builds them
 ("The following are multiple choice questions (with answers) about <subject>." then k
 solved examples, then the question ending in ``Answer:``), scored by the logits of the
-tokens `` A`` .. `` D`` at the last position.
+four answer letters' own tokens at the last position (``answer_letter_ids``).
 """
 
 import argparse
@@ -128,12 +128,32 @@ def mmlu_prompt(subject: str, shots: list[tuple[str, list[str], str]], question:
     return header + "".join(_format_question(q, o, a) for q, o, a in shots) + _format_question(question, options, None)
 
 
+def answer_letter_ids(tokenizer: Tokenizer) -> list[int]:
+    """The token of each answer letter as it follows ``Answer:`` in the few-shot prompts.
+
+    That is the letter's own token, as the QLoRA repository scores it: ``▁A`` in SentencePiece
+    LLaMA (where the first token of ``encode(" A")`` is a bare ``▁`` for all four letters),
+    ``ĠA`` in GPT-2-style BPE. ``ValueError`` unless the four are single, distinct tokens.
+    """
+    prefix = tokenizer.encode("Answer:", add_special_tokens=False)
+    ids = []
+    for letter in CHOICES:
+        full = tokenizer.encode(f"Answer: {letter}", add_special_tokens=False)
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
+            raise ValueError(f"this tokenizer does not write answer letter {letter!r} after 'Answer:' as one token "
+                             f"({full[len(prefix):]}); MMLU scoring needs one token per letter")
+        ids.append(full[-1])
+    if len(set(ids)) != len(CHOICES):
+        raise ValueError(f"the answer letters A-D share tokens {ids}; MMLU scoring needs four distinct tokens")
+    return ids
+
+
 def mmlu(model: LlamaForCausalLM, tokenizer: Tokenizer, directory: Path, k: int) -> dict:
     """Per-subject and mean accuracy over ``directory/test/*_test.csv`` with k-shot prompts from ``dev/``."""
     tests = sorted((directory / "test").glob("*_test.csv"))
     if not tests:
         raise FileNotFoundError(f"{directory}/test has no <subject>_test.csv files (MMLU's CSV layout)")
-    choice_ids = [tokenizer.encode(f" {letter}", add_special_tokens=False)[0] for letter in CHOICES]
+    choice_ids = answer_letter_ids(tokenizer)
     subjects = {}
     for test_file in tests:
         subject = test_file.name[: -len("_test.csv")]

@@ -101,9 +101,9 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 
 def _finish(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
-    """Decode up to the first EOS, then cut at the first stop string."""
-    if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:
-        tokens = tokens[: tokens.index(tokenizer.eos_id)]
+    """Decode up to the first end-of-sequence id (any of ``tokenizer.stop_ids``), then cut at the first stop string."""
+    ends = [i for i, token in enumerate(tokens) if token in tokenizer.stop_ids]
+    tokens = tokens[: ends[0]] if ends else tokens
     return _cut_at_stop(tokenizer.decode(tokens), stop)
 
 
@@ -139,7 +139,7 @@ def stream(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_t
     tokens, shown = [], ""
     for key in jax.random.split(jax.random.key(sampling.seed), max_new_tokens):
         token, last_logits, cache = _next(model, last_logits, cache, key, sampling=sampling)
-        if int(token) == tokenizer.eos_id:
+        if int(token) in tokenizer.stop_ids:
             break
         tokens.append(int(token))
         decoded = tokenizer.decode(tokens)  # once per token: the stop check and the output share it

@@ -26,7 +26,7 @@ def is_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source)) and ".." not in source
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
+def _cached_snapshot(repo_id: str, revision: str | None, name: str) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -35,13 +35,14 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         at = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(
-            f"model {repo_id!r}{at} is not a local directory and not in the Hugging Face cache "
+            f"{name} {repo_id!r}{at} is not a local directory and not in the Hugging Face cache "
             f"{constants.HF_HUB_CACHE} (set HF_HOME or HF_HUB_CACHE to use another); qlora_jax never downloads: "
             f"fetch it once with `hf download {repo_id}{' --revision ' + revision if revision else ''}`") from None
 
 
-def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
-    """The local directory of model ``source`` (built-in name, directory or cached repo id)."""
+def resolve_model_dir(source: str | Path, revision: str | None = None, name: str = "--model") -> Path:
+    """The local directory of model ``source`` (built-in name, directory or cached repo id); errors call the
+    source ``name`` (the flag or config key it came from)."""
     source = str(source)
     if source in BUILTIN_MODELS:
         return BUILTIN_MODELS[source]()
@@ -49,8 +50,8 @@ def resolve_model_dir(source: str | Path, revision: str | None = None) -> Path:
     if directory.is_dir():
         return directory
     if not directory.exists() and is_repo_id(source):
-        return _cached_snapshot(source, revision)
-    raise FileNotFoundError(f"model {source!r} is neither a directory, a Hugging Face repo id (owner/name) in "
+        return _cached_snapshot(source, revision, name)
+    raise FileNotFoundError(f"{name} {source!r} is neither a directory, a Hugging Face repo id (owner/name) in "
                             f"the local cache, nor one of {sorted(BUILTIN_MODELS)}")
 
 

@@ -1,6 +1,6 @@
 """Tokenizers of a Hugging Face model directory: ``tokenizer.json`` (HF ``tokenizers``) or
-``tokenizer.model`` (SentencePiece), with BOS/EOS/pad and the chat template from
-``tokenizer_config.json``.
+``tokenizer.model`` (SentencePiece, converted to ``tokenizers`` as transformers converts it),
+with BOS/EOS/pad and the chat template from ``tokenizer_config.json``.
 
 Chat templates are Jinja, rendered in a sandbox the way transformers renders them
 (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``, ``tojson``).
@@ -26,6 +26,18 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path) if path.is_file() else {}
 
 
+def _stop_ids(directory: Path, eos_id: int | None) -> frozenset[int]:
+    """Every end-of-sequence id: the tokenizer's EOS and the ``eos_token_id`` (an int or a list, as LLaMA-3's
+    ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``) of ``generation_config.json`` and ``config.json``."""
+    ids = {eos_id} if eos_id is not None else set()
+    for name in ("generation_config.json", "config.json"):
+        listed = _read_json(directory / name).get("eos_token_id")
+        for token_id in listed if isinstance(listed, list) else [listed]:
+            if isinstance(token_id, int) and not isinstance(token_id, bool):
+                ids.add(token_id)
+    return frozenset(ids)
+
+
 def _chat_template(directory: Path, config: dict) -> str | None:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
@@ -37,78 +49,120 @@ def _chat_template(directory: Path, config: dict) -> str | None:
     return template
 
 
+def _sentencepiece_tokenizer(path: Path, config: dict):
+    """A ``tokenizers`` Tokenizer equal to transformers' ``LlamaTokenizer`` built from a SentencePiece BPE model.
+
+    As transformers 5 converts ``tokenizer.model``: the pieces as a byte-fallback BPE vocab,
+    merges generated from it (every split of a piece into two pieces, ranked by the piece's
+    id), a Metaspace pre-tokenizer (the ``▁`` prefix on the first section only, or on every
+    section when ``legacy: true``; none with ``add_prefix_space: false``), control and
+    unknown pieces as special tokens, so ``<s>`` in text is the BOS id, not the characters
+    ``<``, ``s``, ``>``. LLaMA-family SentencePiece models are BPE.
+    """
+    import sentencepiece
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        loaded = sp.Load(str(path))
+    except (OSError, RuntimeError):
+        loaded = False
+    if not loaded:
+        raise ValueError(f"{path}: not a SentencePiece model")
+    vocab = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize())}
+    merges = sorted(((piece[:k], piece[k:], index) for piece, index in vocab.items() for k in range(1, len(piece))
+                     if piece[:k] in vocab and piece[k:] in vocab),
+                    key=lambda m: (m[2], vocab[m[0]], vocab[m[1]]))
+    tokenizer = HFTokenizer(BPE(vocab=vocab, merges=[(left, right) for left, right, _ in merges], fuse_unk=True,
+                                byte_fallback=True))
+    prefix = config.get("add_prefix_space", True) is not False
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    specials = [sp.IdToPiece(i) for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i)]
+    tokenizer.add_special_tokens([AddedToken(piece, normalized=False, special=True) for piece in specials])
+    return tokenizer
+
+
+def _added_tokens(tokenizer, config: dict) -> None:
+    """Register ``added_tokens_decoder`` entries of ``tokenizer_config.json`` the model's tokenizer lacks."""
+    from tokenizers import AddedToken
+
+    for entry in (config.get("added_tokens_decoder") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str) \
+                and tokenizer.token_to_id(entry["content"]) is None:
+            token = AddedToken(entry["content"], special=bool(entry.get("special", True)), normalized=False)
+            (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+
+
+def _bos_eos_processor(tokenizer, bos: str | None, eos: str | None):
+    """transformers' post-processor for ``add_bos_token``/``add_eos_token``: ``[bos] A [eos]``."""
+    from tokenizers import processors
+
+    ends = [token for token in (bos, eos) if token is not None]
+    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
+    return processors.TemplateProcessing(single=single,
+                                         special_tokens=[(token, tokenizer.token_to_id(token)) for token in ends])
+
+
 class Tokenizer:
     """Text <-> token ids, special token ids, and chat formatting for one model."""
 
     def __init__(self, directory: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
         config = _read_json(directory / "tokenizer_config.json")
         special = _read_json(directory / "special_tokens_map.json")
-        if (directory / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
-
-            try:
-                self._hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-            except Exception as err:  # tokenizers raises a bare Exception for malformed files
-                raise ValueError(f"{directory / 'tokenizer.json'}: cannot be read by tokenizers ({err})") from None
-            self._sp = None
-        elif (directory / "tokenizer.model").is_file():
-            import sentencepiece
-
-            self._sp = sentencepiece.SentencePieceProcessor()
-            if not self._sp.Load(str(directory / "tokenizer.model")):
-                raise ValueError(f"{directory / 'tokenizer.model'}: not a SentencePiece model")
-            self._hf = None
-        else:
-            raise FileNotFoundError(f"{directory} has no tokenizer.json or tokenizer.model")
 
         def special_token(name):
             return _token_text(config.get(name)) or _token_text(special.get(name))
 
         self.bos_token, self.eos_token = special_token("bos_token"), special_token("eos_token")
         self.pad_token = special_token("pad_token")
+        if (directory / "tokenizer.json").is_file():
+            try:
+                self._hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as err:  # tokenizers raises a bare Exception for malformed files
+                raise ValueError(f"{directory / 'tokenizer.json'}: cannot be read by tokenizers ({err})") from None
+        elif (directory / "tokenizer.model").is_file():
+            self._hf = _sentencepiece_tokenizer(directory / "tokenizer.model", config)
+            self.bos_token = self.bos_token or "<s>"
+            self.eos_token = self.eos_token or "</s>"
+            add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+            self._hf.post_processor = _bos_eos_processor(self._hf, self.bos_token if add_bos else None,
+                                                         self.eos_token if add_eos else None)
+        else:
+            raise FileNotFoundError(f"{directory} has no tokenizer.json or tokenizer.model")
+        _added_tokens(self._hf, config)
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_id = self.token_to_id(self.eos_token) if self.eos_token else None
         pad_id = self.token_to_id(self.pad_token) if self.pad_token else None
         self.pad_id = pad_id if pad_id is not None else self.eos_id
-        # tokenizer.json carries its own post-processor; SentencePiece models follow the config flags.
-        self.add_bos = bool(config.get("add_bos_token", self._sp is not None))
-        self.add_eos = bool(config.get("add_eos_token", False))
         self.chat_template = _chat_template(directory, config)
+        self.stop_ids = _stop_ids(directory, self.eos_id)
 
     @property
     def vocab_size(self) -> int:
-        return self._hf.get_vocab_size() if self._hf is not None else self._sp.GetPieceSize()
+        return self._hf.get_vocab_size()
 
     def token_to_id(self, token: str) -> int | None:
-        if self._hf is not None:
-            return self._hf.token_to_id(token)
-        token_id = self._sp.PieceToId(token)
-        return None if token_id == self._sp.unk_id() and token != self._sp.IdToPiece(token_id) else token_id
+        return self._hf.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; ``add_special_tokens`` adds BOS/EOS as the tokenizer defines."""
-        if self._hf is not None:
-            return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._sp.EncodeAsIds(text)
-        if add_special_tokens and self.add_bos and self.bos_id is not None:
-            ids = [self.bos_id, *ids]
-        if add_special_tokens and self.add_eos and self.eos_id is not None:
-            ids = [*ids, self.eos_id]
-        return ids
+        """Token ids of ``text``; ``add_special_tokens`` adds BOS/EOS as the tokenizer defines. Special tokens
+        written in the text (``<s>``, ``<|im_start|>``) are their ids."""
+        return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
         """Token ids of ``text`` (no special tokens added) and their character spans ``i64[N, 2]``."""
-        if self._hf is not None:
-            encoding = self._hf.encode(text, add_special_tokens=False)
-            return encoding.ids, np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
-        proto = self._sp.EncodeAsImmutableProto(text)
-        spans = [(piece.begin, piece.end) for piece in proto.pieces]
-        return [piece.id for piece in proto.pieces], np.asarray(spans, np.int64).reshape(-1, 2)
+        encoding = self._hf.encode(text, add_special_tokens=False)
+        return encoding.ids, np.asarray(encoding.offsets, np.int64).reshape(-1, 2)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if self._hf is not None:
-            return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        return self._sp.DecodeIds([int(i) for i in ids])
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render ``[{"role": ..., "content": ...}, ...]`` with the model's chat template."""

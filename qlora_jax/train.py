@@ -195,7 +195,7 @@ def _check_free_space(location: Path, lora, opt_state, keep: int) -> None:
 
 def _read_inputs(config: RunConfig, log):
     """The model directory, tokenizer and data, validated before anything is loaded onto devices or written."""
-    model_dir = resolve_model_dir(config.model.path, config.model.revision)
+    model_dir = resolve_model_dir(config.model.path, config.model.revision, "model.path")
     tokenizer = load_tokenizer(model_dir)
     dataset = load_dataset(config.data, tokenizer, config.train.seed)
     log(f"data: {len(dataset.train)} train / {len(dataset.eval)} held-out examples; {dataset.truncated} truncated "

@@ -1,6 +1,7 @@
 """Generation: sampling rules, streaming equals batched decoding, stop strings, and the CLI."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from qlora_jax.generate import Sampling, generate, generate_ids, main, pick_token, stream
+from qlora_jax.generate import Sampling, _left_padded, generate, generate_ids, main, pick_token, stream
 from qlora_jax.loading import load_for_inference, load_model
 
 
@@ -46,6 +47,23 @@ def test_stream_equals_batched_greedy_and_stops(tiny):
     assert cut == batched[1][: batched[1].index(stop)]
     sampled = generate(model, tokenizer, prompts, 12, sampling=Sampling(temperature=1.0, seed=3))
     assert sampled == generate(model, tokenizer, prompts, 12, sampling=Sampling(temperature=1.0, seed=3))
+
+
+def test_generation_stops_at_any_eos_id_the_model_config_lists(tiny_chat_model, tmp_path):
+    """LLaMA-3 lists several ids in generation_config.json's eos_token_id; each one ends the reply."""
+    model, tokenizer = load_for_inference(tiny_chat_model)
+    prompt = "The capital of France is a city that"
+    ids, mask = _left_padded(tokenizer, [prompt])
+    tokens = np.asarray(generate_ids(model, ids, mask, max_new_tokens=12, sampling=Sampling()))[0].tolist()
+    stop_id = next(t for t in tokens[3:] if t not in tokens[:3] and t != tokenizer.eos_id)
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, stop_id]}))
+    model, tokenizer = load_for_inference(directory)
+    assert stop_id in tokenizer.stop_ids and tokenizer.eos_id in tokenizer.stop_ids
+    expected = tokenizer.decode(tokens[: tokens.index(stop_id)])
+    assert generate(model, tokenizer, [prompt], max_new_tokens=12) == [expected]
+    assert "".join(stream(model, tokenizer, prompt, 12, Sampling())) == expected
 
 
 def test_generate_cli(tiny_chat_model, tmp_path, capsys):

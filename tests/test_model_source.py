@@ -87,7 +87,7 @@ def test_revision_selects_another_snapshot(hub_cache):
 
 
 def test_missing_repo_says_where_it_looked_and_how_to_download(hub_cache):
-    with pytest.raises(FileNotFoundError, match=rf"model 'meta-llama/Llama-2-7b-hf' is not a local directory and "
+    with pytest.raises(FileNotFoundError, match=rf"--model 'meta-llama/Llama-2-7b-hf' is not a local directory and "
                                                 rf"not in the Hugging Face cache {hub_cache}.*never downloads: fetch "
                                                 r"it once with `hf download meta-llama/Llama-2-7b-hf`"):
         resolve_model_dir("meta-llama/Llama-2-7b-hf")
@@ -104,7 +104,7 @@ def test_an_index_entry_escaping_the_snapshot_is_still_refused(hub_cache):
 
 
 def test_not_a_directory_nor_a_repo_id(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"model '/nonexistent/model' is neither a directory, a Hugging "
+    with pytest.raises(FileNotFoundError, match=r"--model '/nonexistent/model' is neither a directory, a Hugging "
                                                 r"Face repo id \(owner/name\) in the local cache, nor one of "
                                                 r"\['smollm2-135m-instruct'\]"):
         resolve_model_dir("/nonexistent/model")
@@ -143,6 +143,6 @@ def test_generate_cli_takes_a_repo_id_from_hf_home(hub_cache, tmp_path):
                              capture_output=True, text=True, env=env, timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
-        f"error: model 'tiny/absent' is not a local directory and not in the Hugging Face cache {hf_home / 'hub'} "
+        f"error: --model 'tiny/absent' is not a local directory and not in the Hugging Face cache {hf_home / 'hub'} "
         "(set HF_HOME or HF_HUB_CACHE to use another); qlora_jax never downloads: fetch it once with "
         "`hf download tiny/absent`"]

@@ -126,8 +126,8 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "qlora_jax.train", "--set", "model.path=/nope", "--set",
                               f"train.out_dir={tmp_path}"], capture_output=True, text=True)
     assert missing.returncode == 2
-    assert missing.stderr.strip() == ("error: model.path '/nope' is neither a directory nor one of "
-                                      "['smollm2-135m-instruct']")
+    assert missing.stderr.strip() == ("error: model.path '/nope' is neither a directory, a Hugging Face repo id "
+                                      "(owner/name) in the local cache, nor one of ['smollm2-135m-instruct']")
 
 
 def test_peft_adapter_from_pytorch_gives_peft_logits(tmp_path):
