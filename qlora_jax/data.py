@@ -20,7 +20,6 @@ import numpy as np
 
 from . import assets
 from .config import DataConfig
-from .jsonio import read_json_object
 from .tokenizer import Tokenizer
 
 IGNORE = -100
@@ -85,24 +84,26 @@ def _read_json_records(path: Path) -> list[tuple[int, object]]:
 
 
 def _read_hf_disk(directory: Path) -> list[tuple[str, object]]:
-    """Rows of a Hugging Face ``datasets`` directory written by ``save_to_disk`` (Arrow stream files)."""
+    """Rows of a Hugging Face ``datasets`` directory written by ``save_to_disk``, read by ``datasets.load_from_disk``
+    (a ``DatasetDict`` gives its ``train`` split)."""
     try:
-        import pyarrow as pa
+        import datasets
     except ImportError:
-        raise DataError("data.source=hf_disk needs pyarrow: pip install -e '.[tfds]'") from None
-    state_file = directory / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{directory} is not a datasets.save_to_disk directory (no state.json)")
-    state = read_json_object(state_file)
-    files = [entry.get("filename") for entry in state.get("_data_files", [])]
-    if not files or not all(isinstance(f, str) and "/" not in f for f in files):
-        raise DataError(f"{state_file}: '_data_files' must list the Arrow files of the dataset")
-    rows = []
-    for name in files:
-        with pa.memory_map(str(directory / name)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        rows += [(f"{directory / name}[{i}]", row) for i, row in enumerate(table.to_pylist())]
-    return rows
+        raise DataError("data.source=hf_disk needs the datasets library: pip install -e '.[hf]'") from None
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data.path {directory} does not exist (data.source=hf_disk reads a "
+                                "datasets.save_to_disk directory)")
+    try:
+        dataset = datasets.load_from_disk(str(directory))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} is not a datasets.save_to_disk directory (neither a Dataset nor a "
+                                "DatasetDict)") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{directory} is a DatasetDict with splits {sorted(dataset)}; qlora_jax trains on its "
+                            "'train' split (save that split alone, or name one 'train')")
+        directory, dataset = directory / "train", dataset["train"]
+    return [(f"{directory}[{i}]", row) for i, row in enumerate(dataset)]
 
 
 def read_records(config: DataConfig) -> list[tuple[str, object]]:

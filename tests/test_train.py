@@ -175,6 +175,27 @@ def test_hf_disk_and_tfds_sources_read_the_same_examples_as_the_file(smollm2_dir
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_hf_disk_dataset_dict_trains_on_its_train_split(smollm2_dir, tmp_path):
+    import datasets
+
+    rows = [json.loads(line) for line in (FIXTURES / "alpaca_small.jsonl").read_text().splitlines()]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:2])}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    tokenizer = load_tokenizer(smollm2_dir)
+    got = load_dataset(DataConfig(format="alpaca", path=str(tmp_path / "dict"), source="hf_disk", eval_size=4),
+                       tokenizer, 0)
+    expected = load_dataset(DataConfig(format="alpaca", path=str(FIXTURES / "alpaca_small.jsonl"), eval_size=4),
+                            tokenizer, 0)
+    assert [e.input_ids.tolist() for e in got.train] == [e.input_ids.tolist() for e in expected.train]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(DataError, match=r"no_train is a DatasetDict with splits \['validation'\]; qlora_jax trains "
+                                        r"on its 'train' split"):
+        load_dataset(DataConfig(format="alpaca", path=str(tmp_path / "no_train"), source="hf_disk"), tokenizer, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty is not a datasets\.save_to_disk directory"):
+        load_dataset(DataConfig(format="alpaca", path=str(tmp_path / "empty"), source="hf_disk"), tokenizer, 0)
+
+
 @pytest.mark.parametrize("path", sorted((FIXTURES.parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     config = load_run_config(path)
