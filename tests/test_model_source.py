@@ -8,6 +8,7 @@ huggingface_hub itself, with a sharded checkpoint, so the symlinks are exercised
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,22 @@ def test_adapter_names_its_base_model(tmp_path):
         model, adapter = None, None
     with pytest.raises(ValueError, match=r"give --model \(or --adapter"):
         model_source(Args())
+
+
+def test_inspect_reports_an_adapters_real_rank_alpha_and_targets(tmp_path, capsys):
+    from qlora_jax.inspect import main as inspect_main
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(TINY.parent / "llama3_rope_peft_adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(TINY)}))
+    assert inspect_main([str(adapter)]) == 0  # the base model comes from the adapter
+    out = capsys.readouterr().out
+    targets = ",".join(sorted(config["target_modules"]))
+    assert out.startswith(f"{TINY}: llama, 2 layers")
+    assert f"adapter {adapter}: LoRA (r=4, alpha=8, targets={targets}, fp32)" in out
+    assert inspect_main([str(TINY), "--lora-rank", "0"]) == 0
+    assert "LoRA" not in capsys.readouterr().out
 
 
 def test_generate_cli_takes_a_repo_id_from_hf_home(hub_cache, tmp_path):
