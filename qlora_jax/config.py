@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+"""Each linear layer of a decoder block -> the block holding it (``model.layers.{i}.{block}.{name}``)."""
+LORA_TARGETS = tuple(PROJECTIONS)
 QuantName = Literal["nf4", "fp4", "int4", "none"]
 
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from .atomic import replace_directory
 from .cli import add_model_args, model_source, quant_config
-from .config import QuantConfig
-from .loading import LINEAR_NAMES, load_model, read_config
+from .config import PROJECTIONS, QuantConfig
+from .loading import load_model, read_config
 from .lora import QLoRALinear
 from .model import LlamaForCausalLM
 from .model_source import resolve_model_dir
@@ -62,7 +62,7 @@ def _tensors(model: LlamaForCausalLM) -> dict:
         producers[prefix + "input_layernorm.weight"] = lambda i=i: layer(i).input_layernorm.weight[...]
         producers[prefix + "post_attention_layernorm.weight"] = (
             lambda i=i: layer(i).post_attention_layernorm.weight[...])
-        for name, block in LINEAR_NAMES.items():
+        for name, block in PROJECTIONS.items():
             producers[f"{prefix}{block}.{name}.weight"] = (
                 lambda i=i, block=block, name=name: merged_weight(getattr(getattr(layer(i), block), name)))
             if _has_bias(model, name):

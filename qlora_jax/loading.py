@@ -18,18 +18,15 @@ from flax import nnx
 
 from . import parallel
 from .checkpoint_files import CheckpointReader
-from .config import LoraConfig, ModelConfig, QuantConfig
+from .config import PROJECTIONS, LoraConfig, ModelConfig, QuantConfig
 from .jsonio import read_json_object
-from .lora import LoRAParam, QLoRALinear, kaiming_uniform_a_sqrt5
+from .lora import LoRAParam, QLoRALinear, init_lora
 from .model import LlamaForCausalLM
 from .model_source import compute_dtype as resolve_compute_dtype
 from .model_source import resolve_model_dir
 from .peft import load_peft_adapter, read_adapter_config
 from .quant import QuantizedTensor
 from .tokenizer import load_tokenizer
-
-LINEAR_NAMES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 def peak_rss_mib() -> float:
@@ -73,7 +70,7 @@ def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         prefix = f"model.layers.{i}."
         shapes[prefix + "input_layernorm.weight"] = (d,)
         shapes[prefix + "post_attention_layernorm.weight"] = (d,)
-        for name, block in LINEAR_NAMES.items():
+        for name, block in PROJECTIONS.items():
             shapes[f"{prefix}{block}.{name}.weight"] = linear[name]
             if config.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
                 shapes[f"{prefix}{block}.{name}.bias"] = (linear[name][0],)
@@ -103,22 +100,6 @@ def _load_linear(layer: QLoRALinear, reader: CheckpointReader, prefix: str, preq
         layer.load_weight(jnp.asarray(reader.get(prefix + "weight")))
     if layer.bias is not None:
         layer.bias.set_value(jnp.asarray(reader.get(prefix + "bias"), jnp.bfloat16))
-
-
-def init_lora(model: LlamaForCausalLM, seed: int) -> None:
-    """PEFT's init for every adapter: ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros.
-
-    Adapter number ``n`` (layer by layer, in graph order within a layer) draws from
-    ``fold_in(key(seed), n)``.
-    """
-    key, layers = jax.random.key(seed), model.config.num_hidden_layers
-    adapted = [m for _, m in nnx.iter_graph(model.layers) if isinstance(m, QLoRALinear) and m.lora is not None]
-    for position, module in enumerate(adapted):  # stacked: each module holds its adapter of every layer
-        a, b = module.lora_a.get_value(), module.lora_b.get_value()
-        module.lora_a.set_value(jnp.stack([
-            kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:], a.dtype)
-            for i in range(layers)]))
-        module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
 
 
 def _place_frozen(module: nnx.Module, mesh) -> None:
@@ -163,7 +144,7 @@ def load_model(path: str | Path, quant: QuantConfig | str = QuantConfig(), lora:
                                                              jnp.bfloat16))
             layer.post_attention_layernorm.weight.set_value(jnp.asarray(
                 reader.get(prefix + "post_attention_layernorm.weight"), jnp.bfloat16))
-            for name, block in LINEAR_NAMES.items():
+            for name, block in PROJECTIONS.items():
                 module = getattr(getattr(layer, block), name)
                 _load_linear(module, reader, f"{prefix}{block}.{name}.", stored is not None)
             _place_frozen(layer, mesh)
@@ -174,9 +155,9 @@ def load_model(path: str | Path, quant: QuantConfig | str = QuantConfig(), lora:
                 if variable is not None:
                     variable.set_value(parallel.place_frozen(name, variable.get_value(), mesh))
     if lora is not None:
-        init_lora(model, seed)
+        init_lora(model.layers, seed)
     if verbose:
-        print(f"loaded {directory} ({quant}): peak RSS {peak_rss_mib():.0f} MiB")
+        print(f"loaded {directory} ({quant_config.quant_type}): peak RSS {peak_rss_mib():.0f} MiB")
     return model
 
 
@@ -200,14 +181,14 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
         layer = model.layer(i)
         layer.input_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
         layer.post_attention_layernorm.weight.set_value(jnp.ones((config.hidden_size,), jnp.bfloat16))
-        for name, block in LINEAR_NAMES.items():
+        for name, block in PROJECTIONS.items():
             module = getattr(getattr(layer, block), name)
             module.load_weight(normal((module.out_features, module.in_features)))
             if module.bias is not None:
                 module.bias.set_value(normal((module.out_features,)))
         model.set_layer(i, layer)
     if lora is not None:
-        init_lora(model, seed)
+        init_lora(model.layers, seed)
     return model
 
 

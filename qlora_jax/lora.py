@@ -143,3 +143,19 @@ class QLoRALinear(nnx.Module):
             return self.quantized_weight().nbytes()
         return self.weight[...].size * self.weight[...].dtype.itemsize
 
+
+def init_lora(layers: nnx.Module, seed: int) -> None:
+    """PEFT's init for every adapter of the stacked decoder ``layers`` (each array ``[L, ...]``), in place:
+    ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros; the one LoRA initializer of models whose
+    weights are filled after ``nnx.eval_shape`` (loading, random test models).
+
+    Adapter number ``n`` (layer by layer, in graph order within a layer) draws from ``fold_in(key(seed), n)``.
+    """
+    key = jax.random.key(seed)
+    adapted = [m for _, m in nnx.iter_graph(layers) if isinstance(m, QLoRALinear) and m.lora is not None]
+    for position, module in enumerate(adapted):  # stacked: each module holds its adapter of every layer
+        a, b = module.lora_a.get_value(), module.lora_b.get_value()
+        module.lora_a.set_value(jnp.stack([
+            kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:], a.dtype)
+            for i in range(a.shape[0])]))
+        module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))

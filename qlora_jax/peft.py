@@ -12,20 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from .atomic import replace_directory
-from .config import LoraConfig
+from .config import PROJECTIONS, LoraConfig
 from .jsonio import read_json_object
 from .lora import QLoRALinear
 from .model import LlamaForCausalLM
 from .safetensors_io import load_file, save_file
 
-_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
 
 def _adapted_projections(model: LlamaForCausalLM):
     """``(PEFT prefixes of layers 0..L-1, stacked projection)`` for each adapted projection: its ``lora_a`` and
     ``lora_b`` hold every layer's adapter along their first axis."""
-    for name, block in _BLOCK.items():
+    for name, block in PROJECTIONS.items():
         module: QLoRALinear = getattr(getattr(model.layers, block), name)
         if module.lora is not None:
             prefixes = [f"base_model.model.model.layers.{i}.{block}.{name}"

@@ -29,11 +29,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
-from tqdm import tqdm
 
 from . import atomic, parallel
 from .checkpoint import LAYOUT, Checkpoints
-from .config import RunConfig
+from .config import QuantConfig, RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import BatchIterator, DataError, eval_batches, load_dataset
 from .evaluate import mmlu
@@ -43,6 +42,7 @@ from .loss import token_loss
 from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_plot
 from .model_source import compute_dtype, resolve_model_dir, source_name
 from .peft import load_peft_adapter, save_peft_adapter
+from .progress import make_progress
 from .resume import check_resume
 from .tokenizer import load_tokenizer
 
@@ -326,7 +326,7 @@ class _Loop:
         self.held_out: list = []
         self.tokenizer = tokenizer  # MMLU prompts
         self.initial_eval_loss = None
-        self.tokens_seen, self.wall, self.compilations = 0, 0.0, 0
+        self.tokens_seen, self.wall, self.compilations, self.bad_streak = 0, 0.0, 0, 0
 
     def to_devices(self, batch: dict) -> dict:
         """A host batch ``[A, B, T]`` as the step takes it: split over the mesh, if there is one."""
@@ -350,6 +350,7 @@ class _Loop:
                                   "free space and run the same command again to resume") from None
 
     def run(self, tx, lora, opt_state, start: int, log):
+        """Steps ``start`` .. ``train.steps``: each trains, then evaluates, logs and saves when due."""
         settings = self.config.train
         layout = jax.tree.map(lambda leaf: NamedSharding(self.mesh, leaf.sharding.spec), (lora, opt_state)) \
             if self.mesh is not None else None
@@ -359,69 +360,86 @@ class _Loop:
         if start == 0:
             self.initial_eval_loss = self.evaluate(lora)
             self.record(0, {"eval_loss": self.initial_eval_loss,
-                                  "eval_perplexity": float(np.exp(self.initial_eval_loss))})
+                            "eval_perplexity": float(np.exp(self.initial_eval_loss))})
             log(f"step 0: held-out loss {self.initial_eval_loss:.4f}")
-        started = time.perf_counter()
-        bad_streak, evaluated_last, saved_last = 0, False, False
-        progress = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc="train",
-                        dynamic_ncols=True, disable=None if parallel.is_primary() else True)
+        started, progress, evaluated_last = time.perf_counter(), None, False
         with _StopRequests() as stop:
-            for step in progress:
-                position = self.iterator.state()
+            for step in range(start, settings.steps):
+                done, position = step + 1, self.iterator.state()
                 batch = next(self.iterator)
-                step_start = time.perf_counter()
-                lora, opt_state, metrics = train_step(lora, opt_state, self.frozen, self.to_devices(batch),
-                                                      jax.random.fold_in(jax.random.key(settings.seed), step))
-                loss, done = float(metrics["loss"]), step + 1
-                elapsed = time.perf_counter() - step_start
-                if bool(metrics["applied"]):
-                    bad_streak = 0
-                    tokens = int(batch["attention_mask"].sum())
-                    self.tokens_seen += tokens
-                    values = {"loss": loss, "lr": float(self.schedule(step)), "grad_norm": float(metrics["grad_norm"]),
-                              "tokens_per_s": tokens / elapsed, "step_seconds": elapsed}
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
-                                         tok_s=f"{values['tokens_per_s']:.0f}")
-                else:
-                    bad_streak += 1
-                    values = {"skipped_step": 1.0}
-                    progress.write(f"step {done}: loss {loss} / gradient norm {float(metrics['grad_norm'])} is not "
-                                   f"finite; update skipped (batch at data epoch {position['epoch']}, "
-                                   f"index {position['index']})")
-                    if bad_streak >= settings.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_streak} steps in a row (through step {done}) had a non-finite loss or gradient; "
-                            f"stopping (train.max_bad_steps={settings.max_bad_steps}). No checkpoint holds NaN/Inf: "
-                            f"the newest is step {self.checkpoints.latest_step()}. Lower optimizer.lr, check the "
-                            "data, or use model.compute_dtype=float32")
-                eval_now = done % settings.eval_every == 0 if settings.eval_every else done == settings.steps
-                if eval_now:
-                    values["eval_loss"] = self.evaluate(lora)
-                    values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
-                    progress.write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
-                if settings.mmlu_every and done % settings.mmlu_every == 0:
-                    accuracy = mmlu(nnx.merge(self.graphdef, lora, self.frozen), self.tokenizer,
-                                    Path(settings.mmlu_dir).expanduser(), settings.mmlu_k)["mean_accuracy"]
-                    values["mmlu_accuracy"] = accuracy
-                    progress.write(f"step {done}: MMLU accuracy {accuracy:.4f}")
-                if done % settings.log_every == 0 or eval_now or "mmlu_accuracy" in values:
+                if progress is None:  # the first step compiles; say so, and keep it out of the ETA
+                    log(f"compiling the train step for {' x '.join(map(str, batch['input_ids'].shape))} tokens "
+                        "(micro-batches x rows x length) ...")
+                    compile_start = time.perf_counter()
+                lora, opt_state, values = self._step(train_step, lora, opt_state, step, batch, position,
+                                                     progress.write if progress else log)
+                if progress is None:
+                    log(f"compiled and ran step {done} in {time.perf_counter() - compile_start:.1f} s")
+                    progress = make_progress(done, settings.steps, settings.log_every, parallel.is_primary())
+                evaluated_last = self._evaluate_if_due(done, lora, values, progress.write)
+                progress.update(done, values)
+                if done % settings.log_every == 0 or evaluated_last or "mmlu_accuracy" in values:
                     self.record(done, values)
-                evaluated_last = eval_now
-                saved_last = (settings.save_every and done % settings.save_every == 0) or done == settings.steps
-                if saved_last:
-                    self.save(done, lora, opt_state)
+                saved_last = self._save_if_due(done, lora, opt_state)
                 if stop.signum is not None:
+                    progress.close()
                     if not saved_last:
                         self.save(done, lora, opt_state)
-                    progress.close()
                     raise Interrupted(stop.signum, done, self.run_dir)
-        progress.close()
+        if progress is not None:
+            progress.close()
         self.wall = time.perf_counter() - started
         self.compilations = train_step._cache_size()  # one per padded length bucket seen
         if not evaluated_last and start < settings.steps:  # (a finished run resumed has its final evaluation)
             final = self.evaluate(lora)
             self.record(settings.steps, {"eval_loss": final, "eval_perplexity": float(np.exp(final))})
         return lora
+
+    def _step(self, train_step, lora, opt_state, step: int, batch: dict, position: dict, write):
+        """One optimizer step on ``batch`` (taken at data ``position``); a non-finite step is skipped and counted."""
+        settings = self.config.train
+        step_start = time.perf_counter()
+        lora, opt_state, metrics = train_step(lora, opt_state, self.frozen, self.to_devices(batch),
+                                              jax.random.fold_in(jax.random.key(settings.seed), step))
+        loss, elapsed = float(metrics["loss"]), time.perf_counter() - step_start
+        if bool(metrics["applied"]):
+            self.bad_streak = 0
+            tokens = int(batch["attention_mask"].sum())
+            self.tokens_seen += tokens
+            return lora, opt_state, {"loss": loss, "lr": float(self.schedule(step)),
+                                     "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tokens / elapsed,
+                                     "step_seconds": elapsed}
+        self.bad_streak += 1
+        write(f"step {step + 1}: loss {loss} / gradient norm {float(metrics['grad_norm'])} is not finite; update "
+              f"skipped (batch at data epoch {position['epoch']}, index {position['index']})")
+        if self.bad_streak >= settings.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_streak} steps in a row (through step {step + 1}) had a non-finite loss or gradient; "
+                f"stopping (train.max_bad_steps={settings.max_bad_steps}). No checkpoint holds NaN/Inf: "
+                f"the newest is step {self.checkpoints.latest_step()}. Lower optimizer.lr, check the "
+                "data, or use model.compute_dtype=float32")
+        return lora, opt_state, {"skipped_step": 1.0}
+
+    def _evaluate_if_due(self, done: int, lora, values: dict, write) -> bool:
+        """Held-out loss (and MMLU) into ``values`` when due; whether the held-out loss was measured."""
+        settings = self.config.train
+        due = done % settings.eval_every == 0 if settings.eval_every else done == settings.steps
+        if due:
+            values["eval_loss"] = self.evaluate(lora)
+            values["eval_perplexity"] = float(np.exp(values["eval_loss"]))
+            write(f"step {done}: held-out loss {values['eval_loss']:.4f}")
+        if settings.mmlu_every and done % settings.mmlu_every == 0:
+            values["mmlu_accuracy"] = mmlu(nnx.merge(self.graphdef, lora, self.frozen), self.tokenizer,
+                                           Path(settings.mmlu_dir).expanduser(), settings.mmlu_k)["mean_accuracy"]
+            write(f"step {done}: MMLU accuracy {values['mmlu_accuracy']:.4f}")
+        return due
+
+    def _save_if_due(self, done: int, lora, opt_state) -> bool:
+        settings = self.config.train
+        due = bool(settings.save_every and done % settings.save_every == 0) or done == settings.steps
+        if due:
+            self.save(done, lora, opt_state)
+        return due
 
 
 def _write_summary(run_dir: Path, config: RunConfig, loop: _Loop, resume_step, model_dir: Path, log) -> dict:
@@ -443,9 +461,18 @@ def _write_summary(run_dir: Path, config: RunConfig, loop: _Loop, resume_step, m
         "config": to_plain_dict(config),
     }
     atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    log(f"done: held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}; "
-        f"adapter in {run_dir / 'adapter'}")
+    log(f"done: held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} in "
+        f"{loop.wall:.0f} s\n  adapter (PEFT format): {run_dir / 'adapter'}\n  loss plot: {run_dir / 'loss_curve.png'}"
+        f"\n  try it: {try_command(run_dir / 'adapter', q)}")
     return summary
+
+
+def try_command(adapter_dir: Path, quant) -> str:
+    """The generate command that chats with the fine-tuned model as it was trained (its base named by the adapter)."""
+    double_quant = "" if quant.double_quant else " --no-double-quant"
+    flags = "" if quant.storage == QuantConfig().storage else (
+        f" --quant {quant.quant_type} --blocksize {quant.blocksize}{double_quant}")
+    return f"python -m qlora_jax.generate --adapter {adapter_dir}{flags} --prompt 'Hello! How are you?'"
 
 
 def main(argv: list[str] | None = None) -> int:

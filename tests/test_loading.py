@@ -104,7 +104,7 @@ def test_streaming_load_peak_memory_stays_near_the_quantized_size(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys, ml_dtypes, numpy as np, jax.numpy as jnp
         sys.path.insert(0, {str(FIXTURES.parent.parent)!r})
-        from qlora_jax.config import ModelConfig
+        from qlora_jax.config import PROJECTIONS, ModelConfig
         from qlora_jax.loading import load_model, peak_rss_mib
         from qlora_jax.quant import quantize
         from qlora_jax.safetensors_io import save_streaming
@@ -115,8 +115,7 @@ def test_streaming_load_peak_memory_stays_near_the_quantized_size(tmp_path):
         names = {{"model.embed_tokens.weight": (1024, 512), "lm_head.weight": (1024, 512), "model.norm.weight": (512,)}}
         for i in range(12):
             for n, s in cfg.linear_shapes().items():
-                block = "self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                names[f"model.layers.{{i}}.{{block}}.{{n}}.weight"] = s
+                names[f"model.layers.{{i}}.{{PROJECTIONS[n]}}.{{n}}.weight"] = s
             names[f"model.layers.{{i}}.input_layernorm.weight"] = (512,)
             names[f"model.layers.{{i}}.post_attention_layernorm.weight"] = (512,)
         rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """Training: config errors, data masking on a real tokenizer, LoRA-only optimizer state, resume, PEFT."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,52 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny_chat_model, chat_
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4", "step_6"]  # keep 2
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_logged_to_a_file_reports_progress_compile_time_and_what_to_try(tiny_chat_model, chat_file, tmp_path):
+    """As under nohup: stderr is not a terminal, so tqdm would be silent; plain progress lines come instead."""
+    run_dir = tmp_path / "run"
+    settings = {"model.path": tiny_chat_model, "data.format": "chat", "data.path": chat_file, "train.out_dir": tmp_path,
+                "train.run_name": "run", "train.steps": 4, "train.log_every": 2, "train.eval_every": 0,
+                "data.max_len": 64, "train.batch_size": 2, "lora.rank": 4, "data.eval_size": 8}
+    result = subprocess.run([sys.executable, "-m", "qlora_jax.train",
+                             *sum((["--set", f"{k}={v}"] for k, v in settings.items()), [])],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert re.search(r"compiling the train step for 1 x 2 x 64 tokens \(micro-batches x rows x length\) \.\.\.\n"
+                     r"compiled and ran step 1 in [\d.]+ s", output), output
+    assert re.search(r"step 3/4, loss \d+\.\d{4}, lr [\d.e+-]+, \d+ tok/s, ETA \d+s", output), output
+    assert re.search(r"step 4/4, loss .*, ETA 0s", output), output
+    assert f"adapter (PEFT format): {run_dir / 'adapter'}" in output and f"loss plot: {run_dir / 'loss_curve.png'}" \
+        in output
+    command = re.search(r"try it: (python -m qlora_jax\.generate .*)", output).group(1)
+    assert command == f"python -m qlora_jax.generate --adapter {run_dir / 'adapter'} --prompt 'Hello! How are you?'"
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_chat_model)
+
+
+def test_plain_progress_prints_every_n_steps_or_every_30_seconds():
+    from qlora_jax.progress import PlainProgress
+
+    now, lines = [0.0], []
+
+    class Out:
+        def write(self, text):
+            lines.extend(line for line in text.splitlines() if line)
+
+        def flush(self):
+            pass
+
+    progress = PlainProgress(1, 100, every=10, seconds=30, out=Out(), clock=lambda: now[0])
+    values = {"loss": 1.5, "lr": 1e-4, "tokens_per_s": 250.0}
+    for done in range(2, 12):
+        now[0] += 1.0
+        progress.update(done, values)
+    assert lines == ["step 11/100, loss 1.5000, lr 1.00e-04, 250 tok/s, ETA 1m29s"]  # 1 s/step, 89 steps left
+    now[0] += 45.0  # a slow step: 30 s passed, print before 10 more steps
+    progress.update(12, values)
+    assert lines[-1].startswith("step 12/100") and len(lines) == 2
 
 
 def test_optimizer_state_holds_only_lora_params(tiny_chat_model):
