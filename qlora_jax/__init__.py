@@ -1,15 +1,18 @@
 """qlora_jax: QLoRA fine-tuning of LLaMA-family models in JAX.
 
-``load_model`` and ``load_tokenizer`` are imported on first use, so that
-``qlora_jax.quant`` can be imported on its own (``pallas_kernels`` builds on it and the
-model's layers build on ``pallas_kernels``).
+The Python API (README, "Python API"): ``load_run_config`` + ``train``; ``load_for_inference``
+(or ``load_model`` + ``load_tokenizer``); ``generate``; ``perplexity`` and ``mmlu``. They are
+imported on first use, so that ``qlora_jax.quant`` can be imported on its own
+(``pallas_kernels`` builds on it and the model's layers build on ``pallas_kernels``).
 """
 
 import importlib
 
 __version__ = "0.2.0"
-__all__ = ["load_model", "load_tokenizer"]
-_LAZY = {"load_model": ".loading", "load_tokenizer": ".tokenizer"}
+_LAZY = {"load_model": ".loading", "load_for_inference": ".loading", "load_tokenizer": ".tokenizer",
+         "load_run_config": ".config_io", "train": ".train", "generate": ".generate", "perplexity": ".evaluate",
+         "mmlu": ".evaluate"}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):

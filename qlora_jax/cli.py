@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from .compile_cache import enable_compilation_cache
 from .config import QuantConfig
 from .model_source import BUILTIN_MODELS, adapter_base_model
 
@@ -17,13 +18,26 @@ def add_model_args(parser: argparse.ArgumentParser, adapter: bool = True) -> Non
     group.add_argument("--revision", help="branch, tag or commit of a cached repo id (default: main)")
     if adapter:
         group.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    add_quant_args(group)
+    group.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                       help="activation dtype; auto: float32 on CPU, bfloat16 on GPU/TPU")
+    group.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep compiled programs in $QLORA_JAX_CACHE/jax_compilation_cache for the next run")
+
+
+def add_quant_args(group) -> None:
+    """``--quant``, ``--blocksize``, ``--[no-]double-quant``: how the frozen base is held (``quant_config``)."""
     group.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
                        help="how the frozen base is held (none: bf16)")
     group.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
     group.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                        help="8-bit absmax constants, as training uses by default")
-    group.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                       help="activation dtype; auto: float32 on CPU, bfloat16 on GPU/TPU")
+
+
+def apply_runtime_flags(args: argparse.Namespace) -> None:
+    """Turn on the persistent compilation cache unless ``--no-compilation-cache``."""
+    if args.compilation_cache:
+        enable_compilation_cache()
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:

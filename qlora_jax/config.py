@@ -432,6 +432,9 @@ class TrainConfig:
     """Run the MMLU evaluation every N steps (0: never)."""
     mmlu_k: int = 5
     """Shots of the MMLU prompts."""
+    compilation_cache: bool = True
+    """Keep compiled steps in JAX's persistent cache (``$QLORA_JAX_CACHE/jax_compilation_cache``), so a rerun
+    compiles nothing it compiled before."""
 
     def __post_init__(self):
         problems = []

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cli import add_model_args, model_source, quant_config
+from .cli import add_model_args, apply_runtime_flags, model_source, quant_config
 from .config import DATA_FORMATS, DataConfig
 from .data import IGNORE, DataError, load_dataset, read_records, string_field
 from .loading import load_for_inference
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
+        apply_runtime_flags(args)
         if (args.data is None) == (args.mmlu is None):
             raise ValueError("give exactly one of --data FILE and --mmlu DIR")
         args.stride = args.stride or args.max_len // 2

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from .atomic import replace_directory
-from .cli import add_model_args, model_source, quant_config
+from .cli import add_model_args, apply_runtime_flags, model_source, quant_config
 from .config import PROJECTIONS, QuantConfig
 from .loading import load_model, read_config
 from .lora import QLoRALinear
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
+        apply_runtime_flags(args)
         model_dir = resolve_model_dir(model_source(args), args.revision)
         if args.format == "bnb-nf4":
             if args.adapter or args.merge:

@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cli import add_model_args, model_source, quant_config
+from .cli import add_model_args, apply_runtime_flags, model_source, quant_config
 from .loading import load_for_inference
 from .model import KVCache, LlamaForCausalLM
 from .tokenizer import Tokenizer
@@ -84,9 +85,17 @@ def generate_ids(model: LlamaForCausalLM, ids: jax.Array, mask: jax.Array, *, ma
     return tokens.T
 
 
+PROMPT_BUCKET = 64
+"""Prompts are left-padded to a multiple of this many tokens, so a new prompt (or a longer chat history)
+rarely means a new compilation: the decode programs depend on the padded width only."""
+_compiled: set[tuple] = set()
+
+
 def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+    """``i32[B, W]`` ids and ``bool[B, W]`` mask, every prompt ending at the last column; W a multiple of
+    ``PROMPT_BUCKET``."""
     encoded = [tokenizer.encode(p) for p in prompts]
-    width = max(len(e) for e in encoded)
+    width = -(-max(len(e) for e in encoded) // PROMPT_BUCKET) * PROMPT_BUCKET
     ids = np.full((len(encoded), width), tokenizer.pad_id if tokenizer.pad_id is not None else 0, np.int32)
     mask = np.zeros((len(encoded), width), bool)
     for row, tokens in enumerate(encoded):  # left padding: every prompt ends at the last column
@@ -98,6 +107,23 @@ def _left_padded(tokenizer: Tokenizer, prompts: list[str]) -> tuple[jax.Array, j
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[: min(cuts)] if cuts else text
+
+
+def _announced(what: str, shape: tuple):
+    """Print one line before the first call of a program for ``shape`` in this process (compiling, or loading it
+    from the persistent cache) and how long that call took; silent afterwards."""
+    key = (what, *shape)
+    if key in _compiled:
+        return None
+    _compiled.add(key)
+    print(f"compiling the {what} for batch {shape[0]} x {shape[1]}-token prompts + {shape[2]} new tokens ...",
+          file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def _report(started) -> None:
+    if started is not None:
+        print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def _finish(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
@@ -113,7 +139,9 @@ def generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: list[str], 
     """Continue each prompt (already formatted, e.g. by ``apply_chat_template``), as one batch."""
     sampling = sampling or Sampling(temperature=temperature, seed=seed)
     ids, mask = _left_padded(tokenizer, prompts)
+    started = _announced("batched decode", (*ids.shape, max_new_tokens))
     out = generate_ids(model, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling)
+    _report(started)
     return [_finish(tokenizer, list(row), stop) for row in np.asarray(out)]
 
 
@@ -135,10 +163,12 @@ def stream(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_t
     """Yield the reply to one prompt piece by piece as tokens are decoded; stops at EOS or a stop string."""
     ids, mask = _left_padded(tokenizer, [prompt])
     cache = KVCache.empty(model.config, 1, ids.shape[1] + max_new_tokens, model.compute_dtype)
+    started = _announced("decode step", (*ids.shape, max_new_tokens))
     last_logits, cache = _prefill(model, ids, mask, cache)
     tokens, shown = [], ""
     for key in jax.random.split(jax.random.key(sampling.seed), max_new_tokens):
         token, last_logits, cache = _next(model, last_logits, cache, key, sampling=sampling)
+        started = _report(started)
         if int(token) in tokenizer.stop_ids:
             break
         tokens.append(int(token))
@@ -208,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     args = parser.parse_args(argv)
     try:
+        apply_runtime_flags(args)
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
         records = _read_prompts(args.prompts) if args.prompts else None
         model, tokenizer = load_for_inference(model_source(args), args.adapter, quant_config(args), args.revision,

@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .cli import add_quant_args, quant_config
 from .config import CHECKPOINTING, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 from .inspect import memory_report
 from .loading import read_config
 from .lora import LoRAParam
 from .model import LlamaForCausalLM
+from .model_source import is_repo_id, resolve_model_dir
 from .train import make_train_step
 
 GIB = 1024 ** 3
@@ -188,9 +190,9 @@ def resolve_model(name: str) -> ModelConfig:
     if name in PRESETS:
         return PRESETS[name]
     directory = Path(name).expanduser()
-    if not directory.is_dir():
+    if not directory.is_dir() and not is_repo_id(name):
         raise FileNotFoundError(f"--model {name!r} is neither a model directory nor a preset ({', '.join(PRESETS)})")
-    return read_config(directory)[0]
+    return read_config(resolve_model_dir(name))[0]
 
 
 def format_report(name: str, parts: dict[str, int], shape: StepShape, lora: LoraConfig, quant: QuantConfig) -> str:
@@ -211,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (all 7 projections)")
-    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"])
-    parser.add_argument("--no-double-quant", action="store_true")
+    add_quant_args(parser)
     parser.add_argument("--offload", default="none", choices=["none", "host", "host_with_params"])
     parser.add_argument("--checkpointing", default="layer", choices=CHECKPOINTING)
     parser.add_argument("--loss-chunk", type=int, default=128, help="0: logits of the whole sequence at once")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if min(args.seq_len, args.batch, args.data, args.fsdp) < 1 or args.loss_chunk < 0:
             raise ValueError("--seq-len, --batch, --data and --fsdp must be >= 1, --loss-chunk >= 0")
         config = resolve_model(args.model)
-        quant = QuantConfig(args.quant, 64, not args.no_double_quant)
+        quant = quant_config(args)
         lora = LoraConfig(rank=args.r)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
                           flash_attention=not args.no_flash, data=args.data, fsdp=args.fsdp)

@@ -21,6 +21,7 @@ RESUMABLE = {
     "train.gradient_checkpointing": "what is recomputed, not what is computed",
     "train.loss_chunk": "how the loss is split, not its value",
     "train.out_dir": "where the run lives", "train.run_name": "where the run lives",
+    "train.compilation_cache": "where compiled programs are kept",
     "optimizer.offload": "where AdamW's state lives between steps (training is bit-identical)",
     "mesh.data": "checkpoints restore onto any mesh", "mesh.fsdp": "checkpoints restore onto any mesh",
 }

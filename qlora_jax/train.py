@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 
 from . import atomic, parallel
 from .checkpoint import LAYOUT, Checkpoints
+from .compile_cache import enable_compilation_cache
 from .config import QuantConfig, RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import BatchIterator, DataError, eval_batches, load_dataset
@@ -245,6 +246,8 @@ def train(config: RunConfig, log=print) -> dict:
     ``Interrupted`` after SIGINT/SIGTERM (with a checkpoint saved).
     """
     run_dir = config.train.run_dir
+    if config.train.compilation_cache:
+        enable_compilation_cache()
     resume_step = latest_checkpoint(run_dir)
     location = _check_output_location(run_dir)
     mesh = _make_mesh(config)

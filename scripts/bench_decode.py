@@ -1,8 +1,15 @@
 """Prompt processing and decoding speed of ``generate`` (KV cache), 4-bit against a bf16 base.
 
-    python scripts/bench_decode.py [--model tinyllama-1.1b|llama-7b|tiny] [--batch 1,8] [--out FILE]
+    python scripts/bench_decode.py [--model smollm2|tinyllama-1.1b|llama-7b|tiny] [--batch 1,8] [--out FILE]
+    python scripts/bench_decode.py --model smollm2 --peer [--out FILE]   # next to transformers (oracle extra)
 
-Random-weight models of ``qlora_jax.memory``'s presets (no download). Variants: ``nf4``
+``smollm2``: the real SmolLM2-135M-Instruct; the others are random-weight models of
+``qlora_jax.memory``'s presets (no download). ``--peer`` runs transformers on the same
+model in a second process (``scripts/decode_peer.py``, torch on 1 thread), interleaved with
+ours row by row: ``nf4`` against transformers + bitsandbytes NF4 (+ double quant, f32
+compute), ``bf16`` against transformers in bf16; the load average before and after is
+stated. The memory-bandwidth bound of a decode step is the weights it reads over this
+machine's read bandwidth (numpy summing a 1 GiB array). Variants: ``nf4``
 (NF4 + double quant, ``quant.kernel: auto``: the split-K Pallas kernel on GPU, XLA
 elsewhere), ``nf4-xla`` (XLA dequantize + dot, GPU only: the kernel's comparison) and
 ``bf16`` (unquantized base). For each batch size: ``--prompt-len`` prompt tokens, then
@@ -13,21 +20,75 @@ time of the full call minus prefill. "weights MiB" is what every decode step rea
 """
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from bench_common import RANDOM_MODELS, Report, fail, int_list, median_seconds
 from flax import nnx
 
+from qlora_jax import assets
 from qlora_jax.config import QuantConfig
 from qlora_jax.generate import Sampling, generate_ids
-from qlora_jax.loading import random_model
+from qlora_jax.loading import load_model, random_model
 
 VARIANTS = {"nf4": QuantConfig("nf4", 64, True, kernel="auto"), "nf4-xla": QuantConfig("nf4", 64, True, kernel="xla"),
             "bf16": QuantConfig("none")}
 GREEDY = Sampling(temperature=0.0, seed=0)
+PEER_VARIANT = {"nf4": "bnb-nf4", "bf16": "bf16"}
+
+
+class Peer:
+    """``scripts/decode_peer.py`` in its own process: transformers timings on request."""
+
+    def __init__(self, model_dir: Path):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("decode_peer.py")),
+                                         str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.process.stdout.readline())
+
+    def measure(self, variant: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+        self.process.stdin.write(json.dumps({"variant": PEER_VARIANT[variant], "batch": batch, "prompt_len": prompt_len,
+                                             "new_tokens": new_tokens, "repeats": repeats}) + "\n")
+        self.process.stdin.flush()
+        result = json.loads(self.process.stdout.readline())
+        return {"prefill_tokens_per_second": batch * prompt_len / result["prefill_seconds"],
+                "decode_tokens_per_second": batch * new_tokens / result["decode_seconds"],
+                "ms_per_token": 1e3 * result["decode_seconds"] / new_tokens, "weights_bytes": result["weights_bytes"]}
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def read_bandwidth() -> float:
+    """Bytes/s numpy reads from memory here (median of 5 sums of a 1 GiB float32 array)."""
+    array = np.ones(2**28, np.float32)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        array.sum()
+        times.append(time.perf_counter() - start)
+    return array.nbytes / sorted(times)[2]
+
+
+def build_model(name: str, quant: QuantConfig, compute_dtype):
+    if name == "smollm2":
+        return load_model(assets.prepared_smollm2(), quant=quant, compute_dtype=compute_dtype)
+    return random_model(RANDOM_MODELS[name], quant=quant, compute_dtype=compute_dtype)
+
+
+def _row(label: str, weight_bytes: int, batch: int, r: dict, bandwidth: float, ratio: str = "") -> str:
+    decode = ("n/a | n/a" if r["ms_per_token"] is None
+              else f"{r['decode_tokens_per_second']:.1f} | {r['ms_per_token']:.2f}")
+    bound = bandwidth / weight_bytes * batch
+    return (f"| {label} | {weight_bytes / 2**20:.1f} | {batch} | {r['prefill_tokens_per_second']:.0f} | {decode} "
+            f"| {bound:.0f} |{ratio}")
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
@@ -45,7 +106,9 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = jax.default_backend() == "gpu"
-    parser.add_argument("--model", choices=tuple(RANDOM_MODELS), default="tinyllama-1.1b")
+    parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS), default="tinyllama-1.1b")
+    parser.add_argument("--peer", action="store_true",
+                        help="also run transformers (bf16, bitsandbytes NF4) on the same model, interleaved")
     parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int_list, default=(1, 8), help="batch sizes, comma-separated")
@@ -57,24 +120,39 @@ def main() -> int:
     names = [v.strip() for v in args.variants.split(",")]
     if not set(names) <= set(VARIANTS):
         return fail(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
+    if args.peer and (args.model != "smollm2" or not set(names) <= set(PEER_VARIANT)):
+        return fail("--peer compares the real model: use --model smollm2 and --variants from nf4, bf16")
     compute_dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    bandwidth = read_bandwidth()
+    peer = Peer(assets.prepared_smollm2()) if args.peer else None
+    load_before = os.getloadavg()
     report = Report(args.out)
     report(f"# Decoding on {jax.devices()[0].device_kind}", "",
-           f"jax {jax.__version__}; random {args.model}; {jnp.dtype(compute_dtype).name} compute; prompt "
-           f"{args.prompt_len} tokens, {args.new_tokens} greedy tokens; median of {args.repeats}; "
+           f"jax {jax.__version__} ({os.cpu_count()} CPU cores); {args.model}"
+           f"{'' if args.model == 'smollm2' else ' (random weights)'}; {jnp.dtype(compute_dtype).name} compute; "
+           f"prompt {args.prompt_len} tokens, {args.new_tokens} greedy tokens; median of {args.repeats}"
+           + (f"; peer: transformers + torch {peer.info['torch']} on {peer.info['threads']} thread, in its own "
+              f"process, interleaved row by row" if peer else "")
+           + f"; load average {load_before[0]:.2f} at the start; memory read bandwidth {bandwidth / 1e9:.1f} GB/s; "
            f"`python scripts/bench_decode.py {' '.join(sys.argv[1:])}`", "",
-           "| variant | weights MiB | batch | prefill tokens/s | decode tokens/s | ms / decode step |",
-           "|---|---|---|---|---|---|")
+           "| variant | weights MiB | batch | prefill tokens/s | decode tokens/s | ms / decode step "
+           "| bandwidth bound, tokens/s |" + (" ours / peer, decode |" if peer else ""),
+           "|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
     for name in names:
-        model = random_model(RANDOM_MODELS[args.model], quant=VARIANTS[name], compute_dtype=compute_dtype)
+        model = build_model(args.model, VARIANTS[name], compute_dtype)
         weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
         for batch in args.batch:
             r = measure(model, batch, args.prompt_len, args.new_tokens, args.repeats)
-            decode = ("n/a | n/a" if r["ms_per_token"] is None
-                      else f"{r['decode_tokens_per_second']:.1f} | {r['ms_per_token']:.2f}")
-            report(f"| {name} | {weight_bytes / 2**20:.1f} | {batch} | {r['prefill_tokens_per_second']:.0f} "
-                   f"| {decode} |")
+            report(_row(f"ours {name}", weight_bytes, batch, r, bandwidth, " |" if peer else ""))
+            if peer:
+                p = peer.measure(name, batch, args.prompt_len, args.new_tokens, args.repeats)
+                ratio = (f" {r['decode_tokens_per_second'] / p['decode_tokens_per_second']:.2f}x |"
+                         if r["decode_tokens_per_second"] else " n/a |")
+                report(_row(f"transformers {PEER_VARIANT[name]}", p["weights_bytes"], batch, p, bandwidth, ratio))
         del model
+    if peer:
+        peer.close()
+    report("", f"Load average at the end: {os.getloadavg()[0]:.2f}.")
     return 0
 
 
