@@ -1,8 +1,9 @@
 """qlora_jax: QLoRA fine-tuning of LLaMA-family models in JAX.
 
-The Python API (README, "Python API"): ``load_run_config`` + ``train``; ``load_for_inference``
-(or ``load_model`` + ``load_tokenizer``); ``generate``; ``perplexity`` and ``mmlu``. They are
-imported on first use, so that ``qlora_jax.quant`` can be imported on its own
+The Python API (README, "Python API"): ``load_run_config`` (+ ``qlora_jax.train.train``);
+``load_for_inference`` (or ``load_model`` + ``load_tokenizer``; + ``qlora_jax.generate.generate``);
+``perplexity`` and ``mmlu``. ``train`` and ``generate`` stay in their modules, whose names they
+share. These are imported on first use, so that ``qlora_jax.quant`` can be imported on its own
 (``pallas_kernels`` builds on it and the model's layers build on ``pallas_kernels``).
 """
 
@@ -10,8 +11,7 @@ import importlib
 
 __version__ = "0.2.0"
 _LAZY = {"load_model": ".loading", "load_for_inference": ".loading", "load_tokenizer": ".tokenizer",
-         "load_run_config": ".config_io", "train": ".train", "generate": ".generate", "perplexity": ".evaluate",
-         "mmlu": ".evaluate"}
+         "load_run_config": ".config_io", "perplexity": ".evaluate", "mmlu": ".evaluate"}
 __all__ = sorted(_LAZY)
 
 

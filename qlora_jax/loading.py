@@ -192,7 +192,7 @@ def random_model(config: ModelConfig, quant: QuantConfig = QuantConfig(), lora: 
     return model
 
 
-def load_for_inference(source: str | Path, adapter_dir: Path | None = None, quant: QuantConfig = QuantConfig(),
+def load_for_inference(source: str | Path, adapter_dir: str | Path | None = None, quant: QuantConfig = QuantConfig(),
                        revision: str | None = None, compute_dtype: str = "auto"):
     """The model (``quant`` base + optional PEFT adapter) and its tokenizer.
 
@@ -200,6 +200,7 @@ def load_for_inference(source: str | Path, adapter_dir: Path | None = None, quan
     (``model_source.resolve_model_dir``); ``compute_dtype`` as ``ModelSource.compute_dtype``.
     """
     model_dir = resolve_model_dir(source, revision)
+    adapter_dir = Path(adapter_dir) if adapter_dir else None
     lora = read_adapter_config(adapter_dir) if adapter_dir else None
     model = load_model(model_dir, quant=quant, lora=lora, compute_dtype=resolve_compute_dtype(compute_dtype))
     if adapter_dir:

@@ -62,8 +62,8 @@ def save_peft_adapter(model: LlamaForCausalLM, out_dir: Path, base_model: str) -
     return out_dir
 
 
-def read_adapter_config(adapter_dir: Path) -> LoraConfig:
-    path = adapter_dir / "adapter_config.json"
+def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
+    path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json")
     raw = read_json_object(path)
@@ -86,8 +86,9 @@ def _identity(lora: LoraConfig) -> tuple:
     return lora.rank, lora.alpha, lora.rslora, tuple(sorted(lora.targets))
 
 
-def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: Path) -> None:
+def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: str | Path) -> None:
     """Copy a PEFT adapter (ours or one trained with PyTorch PEFT) into ``model``'s adapters."""
+    adapter_dir = Path(adapter_dir)
     lora = read_adapter_config(adapter_dir)
     if model.lora is None or _identity(lora) != _identity(model.lora):
         raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank}, alpha {lora.alpha:g}, rslora {lora.rslora} "

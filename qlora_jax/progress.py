@@ -1,8 +1,9 @@
 """Training progress for a person watching: a tqdm bar on a terminal, plain lines anywhere else.
 
 When stderr is not a terminal (a log file, CI, ``nohup``) tqdm hides itself, so a run would
-print nothing between evaluations. ``PlainProgress`` prints one line (step, loss, learning
-rate, tokens/s, ETA) every ``every`` steps or every ``seconds``, whichever comes first.
+print nothing between evaluations. ``PlainProgress`` prints one line to stdout, with the
+rest of the log (step, loss, learning rate, tokens/s, ETA), every ``every`` steps or every
+``seconds``, whichever comes first; stderr keeps only errors.
 Both start timing after the first step, so the ETA never counts the compilation.
 """
 
@@ -24,7 +25,7 @@ class PlainProgress:
     def __init__(self, first: int, total: int, every: int, seconds: float = 30.0, out=None,
                  clock=time.perf_counter):
         self.first, self.total, self.every, self.seconds = first, total, max(every, 1), seconds
-        self.out, self.clock = out or sys.stderr, clock
+        self.out, self.clock = out or sys.stdout, clock
         self.started = self.last_time = clock()
         self.last_step = first
 

@@ -6,7 +6,9 @@ machine without a model hub can run them, plus ``tiny``: 2 layers of width 64, f
 CPU rehearsal of ``scripts/gpu_check.sh`` (``tests/test_gpu_check.py``).
 """
 
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,3 +58,21 @@ def fail(message: str) -> int:
     """The scripts' bad-input exit: one ``error:`` line on stderr, status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+class Peer:
+    """``scripts/peer_worker.py`` in its own process: transformers timings on request."""
+
+    def __init__(self, model_dir: Path):
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("peer_worker.py")),
+                                         str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.process.stdout.readline())
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)

@@ -5,7 +5,7 @@
 
 ``smollm2``: the real SmolLM2-135M-Instruct; the others are random-weight models of
 ``qlora_jax.memory``'s presets (no download). ``--peer`` runs transformers on the same
-model in a second process (``scripts/decode_peer.py``, torch on 1 thread), interleaved with
+model in a second process (``scripts/peer_worker.py``, torch on 1 thread), interleaved with
 ours row by row: ``nf4`` against transformers + bitsandbytes NF4 (+ double quant, f32
 compute), ``bf16`` against transformers in bf16; the load average before and after is
 stated. The memory-bandwidth bound of a decode step is the weights it reads over this
@@ -20,9 +20,7 @@ time of the full call minus prefill. "weights MiB" is what every decode step rea
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import RANDOM_MODELS, Report, fail, int_list, median_seconds
+from bench_common import RANDOM_MODELS, Peer, Report, fail, int_list, median_seconds
 from flax import nnx
 
 from qlora_jax import assets
@@ -44,26 +42,13 @@ GREEDY = Sampling(temperature=0.0, seed=0)
 PEER_VARIANT = {"nf4": "bnb-nf4", "bf16": "bf16"}
 
 
-class Peer:
-    """``scripts/decode_peer.py`` in its own process: transformers timings on request."""
-
-    def __init__(self, model_dir: Path):
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("decode_peer.py")),
-                                         str(model_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = json.loads(self.process.stdout.readline())
-
-    def measure(self, variant: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-        self.process.stdin.write(json.dumps({"variant": PEER_VARIANT[variant], "batch": batch, "prompt_len": prompt_len,
-                                             "new_tokens": new_tokens, "repeats": repeats}) + "\n")
-        self.process.stdin.flush()
-        result = json.loads(self.process.stdout.readline())
-        return {"prefill_tokens_per_second": batch * prompt_len / result["prefill_seconds"],
-                "decode_tokens_per_second": batch * new_tokens / result["decode_seconds"],
-                "ms_per_token": 1e3 * result["decode_seconds"] / new_tokens, "weights_bytes": result["weights_bytes"]}
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+def peer_decode(peer: Peer, variant: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """The transformers counterpart of ``measure``, from the peer process."""
+    result = peer.ask(op="decode", variant=PEER_VARIANT[variant], batch=batch, prompt_len=prompt_len,
+                      new_tokens=new_tokens, repeats=repeats)
+    return {"prefill_tokens_per_second": batch * prompt_len / result["prefill_seconds"],
+            "decode_tokens_per_second": batch * new_tokens / result["decode_seconds"],
+            "ms_per_token": 1e3 * result["decode_seconds"] / new_tokens, "weights_bytes": result["weights_bytes"]}
 
 
 def read_bandwidth() -> float:
@@ -143,9 +128,9 @@ def main() -> int:
         weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
         for batch in args.batch:
             r = measure(model, batch, args.prompt_len, args.new_tokens, args.repeats)
-            report(_row(f"ours {name}", weight_bytes, batch, r, bandwidth, " |" if peer else ""))
+            report(_row(f"ours {name}" if peer else name, weight_bytes, batch, r, bandwidth, " |" if peer else ""))
             if peer:
-                p = peer.measure(name, batch, args.prompt_len, args.new_tokens, args.repeats)
+                p = peer_decode(peer, name, batch, args.prompt_len, args.new_tokens, args.repeats)
                 ratio = (f" {r['decode_tokens_per_second'] / p['decode_tokens_per_second']:.2f}x |"
                          if r["decode_tokens_per_second"] else " n/a |")
                 report(_row(f"transformers {PEER_VARIANT[name]}", p["weights_bytes"], batch, p, bandwidth, ratio))

@@ -147,7 +147,8 @@ class Source:
         return self._attributes(("module", parts[0], None), parts[1:])
 
     # A "target" is ("module", dotted, None), ("class", module, ClassDef), ("function", module, FunctionDef),
-    # ("namespace", module, Call) or ("value", module, None).
+    # ("namespace", module, Call), ("instance", module, ClassDef) (``config = Config()``), ("method", module,
+    # FunctionDef) (a function looked up on an instance) or ("value", module, None).
 
     def _attributes(self, target, names):
         for name in names:
@@ -165,6 +166,9 @@ class Source:
             return None if value is None else self._expression(where, value)
         if kind == "class":
             return self._class_member(where, node, name)
+        if kind == "instance":
+            found = self._class_member(where, node, name)
+            return ("method", found[1], found[2]) if found and found[0] == "function" else found
         return None
 
     def _lookup(self, module: str, name: str):
@@ -211,6 +215,9 @@ class Source:
             callee = _dotted(value.func)
             if callee and ".".join(callee) in _SIMPLE_NAMESPACE:
                 return ("namespace", module, value)
+            made = self._expression(module, value.func) if callee else None
+            if made and made[0] == "class":  # config = Config(): its attributes are the class's
+                return ("instance", made[1], made[2])
             return ("value", module, None)
         parts = _dotted(value)
         if parts is None:
@@ -240,6 +247,8 @@ class Source:
         kind, where, node = target
         if kind == "function":
             return _signature(node, skip_self=False)
+        if kind == "method":
+            return _signature(node, skip_self=True)
         if kind == "class":
             init = self._class_member(where, node, "__init__")
             if init and init[0] == "function":
