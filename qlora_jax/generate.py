@@ -145,16 +145,18 @@ def generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: list[str], 
     return [_finish(tokenizer, list(row), stop) for row in np.asarray(out)]
 
 
-@nnx.jit
-def _prefill(model: LlamaForCausalLM, ids: jax.Array, mask: jax.Array, cache: KVCache):
-    logits, cache = model.decode(ids, mask, cache)
+# Streaming calls the model once per token, so these are plain jax.jit functions of the model's split state:
+# nnx.jit would split and merge the whole module on every call (about as long as the decode step on a CPU).
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, state, ids: jax.Array, mask: jax.Array, cache: KVCache):
+    logits, cache = nnx.merge(graphdef, state).decode(ids, mask, cache)
     return logits[:, -1], cache
 
 
-@functools.partial(nnx.jit, static_argnames=("sampling",))
-def _next(model: LlamaForCausalLM, last_logits: jax.Array, cache: KVCache, key: jax.Array, *, sampling: Sampling):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("sampling",))
+def _next(graphdef, state, last_logits: jax.Array, cache: KVCache, key: jax.Array, *, sampling: Sampling):
     token = pick_token(last_logits, key, sampling)
-    logits, cache = model.decode(token[:, None], jnp.ones((1, 1), bool), cache)
+    logits, cache = nnx.merge(graphdef, state).decode(token[:, None], jnp.ones((1, 1), bool), cache)
     return token[0], logits[:, -1], cache
 
 
@@ -164,10 +166,11 @@ def stream(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_t
     ids, mask = _left_padded(tokenizer, [prompt])
     cache = KVCache.empty(model.config, 1, ids.shape[1] + max_new_tokens, model.compute_dtype)
     started = _announced("decode step", (*ids.shape, max_new_tokens))
-    last_logits, cache = _prefill(model, ids, mask, cache)
+    graphdef, state = nnx.split(model)
+    last_logits, cache = _prefill(graphdef, state, ids, mask, cache)
     tokens, shown = [], ""
     for key in jax.random.split(jax.random.key(sampling.seed), max_new_tokens):
-        token, last_logits, cache = _next(model, last_logits, cache, key, sampling=sampling)
+        token, last_logits, cache = _next(graphdef, state, last_logits, cache, key, sampling=sampling)
         started = _report(started)
         if int(token) in tokenizer.stop_ids:
             break

@@ -5,7 +5,10 @@ residual for the backward pass: the backward pass computes ``dx = dy @ dequant(W
 from the packed weight again. Two implementations of both products:
 
 - ``xla``: dequantize the whole weight to the compute dtype, then one dot
-  (``pallas_kernels.nf4_matmul_reference``; the test oracle).
+  (``pallas_kernels.nf4_matmul_reference``; the test oracle). With few rows (decoding),
+  the forward product instead dequantizes ``ROW_TILE`` output rows at a time and
+  multiplies each tile while it is still in cache (``_tiled_forward``): a matrix-vector
+  product then reads the weight once instead of writing and re-reading it in f32.
 - ``pallas``: the fused kernels of ``pallas_kernels.nf4_matmul``, which read the
   packed codes and dequantize tiles in registers. Compiled through Triton on GPU;
   on CPU they run in Pallas' interpreter (tests only: slow).
@@ -30,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference, supports
 
 from . import parallel
-from .quant import QuantizedTensor
+from .quant import QuantizedTensor, blockwise
 
 KERNELS = ("auto", "pallas", "xla")
 
@@ -50,7 +53,43 @@ def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype, kerne
     return _matmul_for(jnp.dtype(compute_dtype).name, resolve_kernel(kernel, weight))(x, weight)
 
 
-_FORWARD = {"xla": nf4_matmul_reference, "pallas": nf4_matmul,
+ROW_TILE = 256  # most output rows dequantized at once: 256 x 4096 f32 (4 MiB) still sits in a CPU's L2/L3
+SMALL_M = 32  # rows of x up to which the tiled forward is faster (decoding); beyond, the one big dot wins
+
+
+def tile_rows(weight: QuantizedTensor) -> int | None:
+    """Rows per tile for ``weight``: the largest divisor of N up to ``ROW_TILE`` whose tiles hold whole quant
+    blocks (a multiple of 8 rows); None when no tiling applies (one tile would be the whole weight)."""
+    n, k = weight.shape
+    rows = next((r for r in range(min(ROW_TILE, n // 2), 7, -1)
+                 if n % r == 0 and r % 8 == 0 and (r * k) % weight.blocksize == 0), None)
+    return rows
+
+
+def _tiled_forward(x: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Array:
+    """``x: [M, K] @ dequant(weight).T -> [M, N]``, dequantizing ``rows`` rows of the weight per step."""
+    n, k = weight.shape
+    packed = weight.packed.reshape(n // rows, rows * k // 2)  # [tiles, rows * K / 2]
+    absmax = weight.absmax_f32().reshape(n // rows, rows * k // weight.blocksize)  # decoded once for all tiles
+
+    def tile(args):
+        tile_packed, tile_absmax = args
+        codes = blockwise.unpack_nibbles(tile_packed, rows * k)
+        w = blockwise.dequantize_4bit_codes(codes, tile_absmax, weight.blocksize, weight.quant_type)
+        return jnp.einsum("mk,nk->mn", x, w.reshape(rows, k).astype(x.dtype),
+                          preferred_element_type=jnp.float32).astype(x.dtype)  # [M, rows]
+
+    out = jax.lax.map(tile, (packed, absmax))  # [tiles, M, rows]
+    return out.transpose(1, 0, 2).reshape(x.shape[0], n)
+
+
+def _xla_forward(x: jax.Array, weight: QuantizedTensor) -> jax.Array:
+    """The XLA forward product: tiled for few rows of ``x`` where the shape allows, else the reference."""
+    rows = tile_rows(weight) if x.shape[0] <= SMALL_M else None
+    return nf4_matmul_reference(x, weight) if rows is None else _tiled_forward(x, weight, rows)
+
+
+_FORWARD = {"xla": _xla_forward, "pallas": nf4_matmul,
             "interpret": functools.partial(nf4_matmul, interpret=True)}
 _BACKWARD = {"xla": nf4_matmul_t_reference, "pallas": nf4_matmul_t,
              "interpret": functools.partial(nf4_matmul_t, interpret=True)}

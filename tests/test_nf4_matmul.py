@@ -179,3 +179,22 @@ def test_kernel_input_errors():
         nf4_matmul(jnp.ones((4, 128)), quantize(jnp.ones((24, 128)), "nf4", 64, True), interpret=True)
     with pytest.raises(ValueError, match="block_k=16 must divide blocksize=64 and be >= 32"):
         nf4_matmul(jnp.ones((4, 128)), weight, block_sizes=BlockSizes(16, 32, 16), interpret=True)
+
+
+@pytest.mark.parametrize("m,n,k,quant_type,blocksize,double_quant", [
+    (1, 1536, 576, "nf4", 64, True), (8, 576, 1536, "fp4", 128, False), (32, 192, 64, "int4", 64, True),
+    (33, 512, 256, "nf4", 64, True), (1, 100, 64, "nf4", 64, True)])
+def test_xla_tiled_decode_product_matches_the_reference(m, n, k, quant_type, blocksize, double_quant):
+    """Few rows (decoding) take the tiled XLA forward where N splits into tiles; the rest the reference."""
+    from qlora_jax.qmatmul import SMALL_M, _xla_forward, tile_rows
+
+    weight = quantize((jax.random.normal(jax.random.key(0), (n, k)) * 0.02).astype(jnp.bfloat16), blocksize=blocksize,
+                      quant_type=quant_type, double_quant=double_quant)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
+    rows = tile_rows(weight)
+    tiled = m <= SMALL_M and rows is not None
+    assert tiled == ((m, n) in ((1, 1536), (8, 576), (32, 192)))
+    if tiled:
+        assert n % rows == 0 and rows < n and rows % 8 == 0 and (rows * k) % blocksize == 0
+    ours, reference = np.asarray(_xla_forward(x, weight)), np.asarray(nf4_matmul_reference(x, weight))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE[jnp.float32] * np.abs(reference).max())
