@@ -9,8 +9,9 @@ built-in model), with an empty persistent compilation cache for the first run:
 same with ``--no-compilation-cache`` (what every run cost before the cache), 4. a
 ``generate --chat`` process answering three turns (the seconds from sending a line to the
 end of its reply; a longer history can reach a new prompt bucket, compiled on first use),
-5. a second chat process with the same turns, warm: every program comes from the cache. The load average before and after is stated; new tokens are
-counted with the model's tokenizer (a reply can end at EOS before ``--new-tokens``).
+5. a second chat process with the same turns, warm: every program comes from the cache.
+The load average before and after is stated; new tokens are counted with the model's
+tokenizer (a reply can end at EOS before ``--new-tokens``).
 """
 
 import argparse
