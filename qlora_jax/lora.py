@@ -130,11 +130,8 @@ class QLoRALinear(nnx.Module):
         if rngs is not None and self.lora.dropout > 0:
             keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.lora.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(x.dtype)
-        h = h.astype(self.compute_dtype)
-        a = self.lora_a[...].astype(self.compute_dtype)
-        b = self.lora_b[...].astype(self.compute_dtype)
-        low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(self.compute_dtype)
-        delta = jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32)
+        a, b = (adapter[...].astype(self.compute_dtype) for adapter in (self.lora_a, self.lora_b))
+        delta = lora_product(h.astype(self.compute_dtype), a, b)
         return (y.astype(jnp.float32) + self.lora.scaling * delta).astype(self.compute_dtype)
 
     def quant_nbytes(self) -> int:
@@ -142,6 +139,38 @@ class QLoRALinear(nnx.Module):
         if self.quant.quantized:
             return self.quantized_weight().nbytes()
         return self.weight[...].size * self.weight[...].dtype.itemsize
+
+
+@jax.custom_vjp
+def lora_product(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``f32[..., out] = (h @ a.T) @ b.T`` for ``h: [..., in]``, ``a: [R, in]``, ``b: [out, R]`` (compute dtype).
+
+    Its own backward pass, for the layout of one product: ``d(b) = g.T @ low`` as autodiff
+    writes it makes XLA's CPU backend copy the f32 output gradient ``g: [BT, out]`` (the
+    SwiGLU backward's output, for gate/up) into a transposed layout on every step. Here
+    ``d(b)`` is computed as ``(low.T @ g).T``: ``g`` is read as it lies, only the small
+    ``[R, out]`` result is transposed, and an optimization barrier keeps XLA from folding that
+    transpose back into the product.
+    """
+    low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)  # [..., R]
+    return jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32)
+
+
+def _lora_product_forward(h, a, b):
+    low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)
+    return jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32), (h, a, b, low)
+
+
+def _lora_product_backward(residuals, g):
+    h, a, b, low = residuals  # g: f32[..., out]
+    dlow = jnp.einsum("...o,or->...r", g, b.astype(jnp.float32)).astype(h.dtype)  # [..., R]
+    dh = jnp.einsum("...r,ri->...i", dlow, a, preferred_element_type=jnp.float32).astype(h.dtype)
+    da = jnp.einsum("...r,...i->ri", dlow, h, preferred_element_type=jnp.float32).astype(a.dtype)
+    db_t = jax.lax.optimization_barrier(jnp.einsum("...r,...o->ro", low.astype(jnp.float32), g))  # [R, out]
+    return dh, da, db_t.T.astype(b.dtype)
+
+
+lora_product.defvjp(_lora_product_forward, _lora_product_backward)
 
 
 def init_lora(layers: nnx.Module, seed: int) -> None:

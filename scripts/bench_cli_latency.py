@@ -8,7 +8,8 @@ built-in model), with an empty persistent compilation cache for the first run:
 (warm: compiled programs come from ``$QLORA_JAX_CACHE/jax_compilation_cache``), 3. the
 same with ``--no-compilation-cache`` (what every run cost before the cache), 4. a
 ``generate --chat`` process answering three turns (the seconds from sending a line to the
-end of its reply; a longer history can reach a new prompt bucket, compiled on first use),
+end of its reply, once the model is loaded; a longer history can reach a new prompt
+bucket, compiled on first use),
 5. a second chat process with the same turns, warm: every program comes from the cache.
 The load average before and after is stated; new tokens are counted with the model's
 tokenizer (a reply can end at EOS before ``--new-tokens``).
@@ -60,7 +61,9 @@ def _read_reply(fd: int) -> tuple[float, str]:
 
 def chat_turns(env: dict, new_tokens: int) -> list[tuple[float, str]]:
     process = subprocess.Popen(_command("--chat", "--max-new-tokens", str(new_tokens)), stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    while not process.stderr.readline().startswith(b"chat:"):  # the model is loaded: the user can type
+        pass
     turns = []
     for line in TURNS:
         started = time.perf_counter()

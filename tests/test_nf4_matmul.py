@@ -198,3 +198,28 @@ def test_xla_tiled_decode_product_matches_the_reference(m, n, k, quant_type, blo
         assert n % rows == 0 and rows < n and rows % 8 == 0 and (rows * k) % blocksize == 0
     ours, reference = np.asarray(_xla_forward(x, weight)), np.asarray(nf4_matmul_reference(x, weight))
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE[jnp.float32] * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_product_gradients_equal_autodiff(dtype):
+    """The LoRA branch's own backward pass (laid out for XLA's CPU backend) against autodiff of the einsums."""
+    from qlora_jax.lora import lora_product
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(keys[0], (2, 5, 24)).astype(dtype)
+    a = (0.2 * jax.random.normal(keys[1], (4, 24))).astype(dtype)
+    b = (0.2 * jax.random.normal(keys[2], (40, 4))).astype(dtype)
+    weights = jax.random.normal(keys[3], (2, 5, 40))
+
+    def reference(h, a, b):
+        low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)
+        return jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32)
+
+    ours = jax.grad(lambda *args: jnp.sum(lora_product(*args) * weights), argnums=(0, 1, 2))(h, a, b)
+    theirs = jax.grad(lambda *args: jnp.sum(reference(*args) * weights), argnums=(0, 1, 2))(h, a, b)
+    np.testing.assert_array_equal(np.asarray(lora_product(h, a, b)), np.asarray(reference(h, a, b)))
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine.dtype == expected.dtype and mine.shape == expected.shape
+        scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(mine, np.float32), np.asarray(expected, np.float32),
+                                   rtol=0, atol=TOLERANCE[dtype] * scale)

@@ -247,3 +247,28 @@ def test_hf_disk_dataset_dict_trains_on_its_train_split(smollm2_dir, tmp_path):
 def test_every_shipped_config_loads(path):
     config = load_run_config(path)
     assert config.train.batch_size % config.mesh.size == 0
+
+
+def test_compiled_step_copies_no_activation_gradient_into_a_transposed_layout():
+    """The LoRA weight gradients read the f32 output gradients ``[B, T, out]`` as they lie: XLA's CPU backend
+    used to copy each one (gate/up after the SwiGLU backward, q/k/v/o/down) into a ``[out, B, T]`` layout
+    every step, 29% of a SmolLM2 step. Only rank-sized ``[R, B, T]`` transposes may remain."""
+    import optax
+    from flax import nnx
+
+    from qlora_jax.config import ModelConfig, QuantConfig
+    from qlora_jax.loading import random_model
+    from qlora_jax.lora import LoRAParam
+    from qlora_jax.train import make_train_step
+
+    config = ModelConfig("llama", 512, 64, 192, 2, 4, 2, 16)
+    model = random_model(config, quant=QuantConfig("nf4"), lora=LoraConfig(rank=8), compute_dtype=jnp.float32,
+                         remat="layer")
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    tx = optax.adamw(1e-4)
+    ids = jnp.zeros((1, 4, 32), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
+    text = make_train_step(graphdef, tx, donate=False).lower(lora, tx.init(lora), frozen, batch,
+                                                            jax.random.key(0)).compile().as_text()
+    moved = re.findall(r"= f32\[(\d+),4,32\]\{[\d,]+\} (?:transpose|copy)\(", text)
+    assert moved and set(moved) == {"8"}, f"transposed [X, B, T] activations: {sorted(set(moved))}"
