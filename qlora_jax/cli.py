@@ -20,7 +20,7 @@ def add_model_args(parser: argparse.ArgumentParser, adapter: bool = True) -> Non
         group.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
     add_quant_args(group)
     group.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                       help="activation dtype; auto: float32 on CPU, bfloat16 on GPU/TPU")
+                       help="activation dtype; auto: float32 on CPU (faster decoding there), bfloat16 on GPU/TPU")
     group.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
                        help="keep compiled programs in $QLORA_JAX_CACHE/jax_compilation_cache for the next run")
 

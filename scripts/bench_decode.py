@@ -92,6 +92,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = jax.default_backend() == "gpu"
     parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS), default="tinyllama-1.1b")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                        help="default: bfloat16 on GPU, float32 on CPU (what generate uses there)")
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers (bf16, bitsandbytes NF4) on the same model, interleaved")
     parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
@@ -107,7 +109,7 @@ def main() -> int:
         return fail(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
     if args.peer and (args.model != "smollm2" or not set(names) <= set(PEER_VARIANT)):
         return fail("--peer compares the real model: use --model smollm2 and --variants from nf4, bf16")
-    compute_dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    compute_dtype = jnp.dtype(args.compute_dtype) if args.compute_dtype else jnp.bfloat16 if on_gpu else jnp.float32
     bandwidth = read_bandwidth()
     peer = Peer(assets.prepared_smollm2()) if args.peer else None
     load_before = os.getloadavg()

@@ -27,7 +27,8 @@ def main() -> None:
     config = load_run_config(args.run / "config.yaml")
     model_dir = resolve_model_dir(config.model.path, config.model.revision)
     q = config.quant
-    model = load_model(model_dir, quant=q, lora=config.lora, compute_dtype=compute_dtype(config.model.compute_dtype))
+    dtype = compute_dtype(config.model.compute_dtype, training=False)
+    model = load_model(model_dir, quant=q, lora=config.lora, compute_dtype=dtype)
     tokenizer = load_tokenizer(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in PROMPTS]
