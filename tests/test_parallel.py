@@ -240,7 +240,8 @@ def test_dropout_is_the_same_on_every_mesh():
     with parallel.use(mesh):
         sharded = forward(parallel.replicate(state, mesh),
                           parallel.global_array(x, NamedSharding(mesh, P(parallel.BATCH_AXES))))
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-6, atol=1e-6)
+    # a different mask changes outputs by O(1); the products split over the mesh may reassociate f32 sums
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-5)
 
 
 def test_mesh_and_distributed_settings_are_checked():
