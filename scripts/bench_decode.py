@@ -1,7 +1,7 @@
 """Prompt processing and decoding speed of ``generate`` (KV cache), 4-bit against a bf16 base.
 
     python scripts/bench_decode.py [--model smollm2|tinyllama-1.1b|llama-7b|tiny] [--batch 1,8] [--out FILE]
-    python scripts/bench_decode.py --model smollm2 --peer [--out FILE]   # next to transformers (oracle extra)
+    python scripts/bench_decode.py --model smollm2 --peer [--llama-cpp] [--out FILE]   # next to transformers, llama.cpp
 
 ``smollm2``: the real SmolLM2-135M-Instruct; the others are random-weight models of
 ``qlora_jax.memory``'s presets (no download). ``--peer`` runs transformers on the same
@@ -9,7 +9,9 @@ model in a second process (``scripts/peer_worker.py``, torch on 1 thread), inter
 ours row by row: ``nf4`` against transformers + bitsandbytes NF4 (+ double quant, f32
 compute), ``bf16`` against transformers in bf16; the load average before and after is
 stated. The memory-bandwidth bound of a decode step is the weights it reads over this
-machine's read bandwidth (numpy summing a 1 GiB array). Variants: ``nf4``
+machine's read bandwidth (numpy summing a 1 GiB array). ``--llama-cpp`` adds llama.cpp
+(``llama-cpp-python``, built from source: no wheel on PyPI for Linux) on the GGUF the model
+ships as (Q4_1, 2 threads, batch 1), the CPU decoding anchor. Variants: ``nf4``
 (NF4 + double quant, ``quant.kernel: auto``: the split-K Pallas kernel on GPU, XLA
 elsewhere), ``nf4-xla`` (XLA dequantize + dot, GPU only: the kernel's comparison) and
 ``bf16`` (unquantized base). For each batch size: ``--prompt-len`` prompt tokens, then
@@ -49,6 +51,38 @@ def peer_decode(peer: Peer, variant: str, batch: int, prompt_len: int, new_token
     return {"prefill_tokens_per_second": batch * prompt_len / result["prefill_seconds"],
             "decode_tokens_per_second": batch * new_tokens / result["decode_seconds"],
             "ms_per_token": 1e3 * result["decode_seconds"] / new_tokens, "weights_bytes": result["weights_bytes"]}
+
+
+def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """llama.cpp on the same model as shipped (SmolLM2 Q4_1 GGUF), batch 1, greedy, through llama-cpp-python."""
+    import statistics
+
+    from llama_cpp import Llama
+
+    gguf = assets.smollm2_gguf()
+    model = Llama(model_path=str(gguf), n_ctx=prompt_len + new_tokens + 8, n_threads=2, n_batch=prompt_len,
+                  verbose=False)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, model.n_vocab(), prompt_len)]
+
+    def run(count: int) -> None:
+        model.reset()
+        model.eval(prompt)
+        for _ in range(count - 1):
+            model.eval([int(np.argmax(model.scores[model.n_tokens - 1]))])
+
+    def median(count: int) -> float:
+        run(count)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(count)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    prefill, full = median(1), median(new_tokens + 1)
+    decode = full - prefill
+    return {"prefill_tokens_per_second": prompt_len / prefill, "decode_tokens_per_second": new_tokens / decode,
+            "ms_per_token": 1e3 * decode / new_tokens, "weights_bytes": gguf.stat().st_size}
 
 
 def read_bandwidth() -> float:
@@ -94,6 +128,8 @@ def main() -> int:
     parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS), default="tinyllama-1.1b")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
                         help="default: bfloat16 on GPU, float32 on CPU (what generate uses there)")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also time llama.cpp (llama-cpp-python, 2 threads) on the wheel's Q4_1 GGUF, batch 1")
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers (bf16, bitsandbytes NF4) on the same model, interleaved")
     parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
@@ -139,6 +175,9 @@ def main() -> int:
         del model
     if peer:
         peer.close()
+    if args.llama_cpp:
+        r = llama_cpp_row(args.prompt_len, args.new_tokens, args.repeats)
+        report(_row("llama.cpp Q4_1 (GGUF file), 2 threads", r["weights_bytes"], 1, r, bandwidth, " |" if peer else ""))
     report("", f"Load average at the end: {os.getloadavg()[0]:.2f}.")
     return 0
 
