@@ -60,8 +60,8 @@ def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
     from llama_cpp import Llama
 
     gguf = assets.smollm2_gguf()
-    model = Llama(model_path=str(gguf), n_ctx=prompt_len + new_tokens + 8, n_threads=2, n_batch=prompt_len,
-                  verbose=False)
+    context = prompt_len + new_tokens + 8  # n_batch = n_ctx: scores are kept for every position
+    model = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_threads=2, verbose=False)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, model.n_vocab(), prompt_len)]
 
     def run(count: int) -> None:
