@@ -22,7 +22,7 @@ from .config import CHECKPOINTING, LoraConfig, ModelConfig, OptimConfig, QuantCo
 from .inspect import memory_report
 from .loading import read_config
 from .lora import LoRAParam
-from .model import LlamaForCausalLM
+from .model import LlamaForCausalLM, attention_implementation
 from .model_source import is_repo_id, resolve_model_dir
 from .train import make_train_step
 
@@ -51,7 +51,8 @@ class StepShape:
     loss_chunk: int = 128
     compute_bytes: int = 2
     flash_attention: bool = True
-    """cuDNN flash attention (GPU, bf16): the [B, H, T, T] probabilities are not kept."""
+    """cuDNN flash attention: the [B, H, T, T] probabilities are not kept (``model.attention_implementation``
+    decides, as the model does)."""
     data: int = 1
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
@@ -176,7 +177,8 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
-    lines = [f"compiled ({jax.default_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
+    backend = jax.default_backend()
+    lines = [f"compiled ({backend} backend, buffers donated as on an accelerator; formula beside it):"]
     for label, value, predicted, what in rows:
         beside = f"   formula {predicted / GIB:8.2f} GiB" if predicted is not None else " " * 25
         lines.append(f"  {label:<28} {value / GIB:8.2f} GiB{beside}   ({what})")
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", default="none", choices=["none", "host", "host_with_params"])
     parser.add_argument("--checkpointing", default="layer", choices=CHECKPOINTING)
     parser.add_argument("--loss-chunk", type=int, default=128, help="0: logits of the whole sequence at once")
-    parser.add_argument("--no-flash", action="store_true", help="XLA attention (keeps [B, H, T, T] probabilities)")
+    parser.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
+                        help="where the step would run: attention is cuDNN's fused kernel on a GPU (bf16, head_dim "
+                             "a multiple of 8 up to 128), XLA elsewhere (model.attention_implementation)"),
     parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
     parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
     parser.add_argument("--compiled", action="store_true",
@@ -230,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         quant = quant_config(args)
         lora = LoraConfig(rank=args.r)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
-                          flash_attention=not args.no_flash, data=args.data, fsdp=args.fsdp)
+                          flash_attention=attention_implementation(args.platform, jnp.bfloat16,
+                                                                   config.head_dim) == "cudnn",
+                          data=args.data, fsdp=args.fsdp)
         formula = training_memory(config, quant, lora, shape)
         print(format_report(args.model, formula, shape, lora, quant))
         if args.compiled:

@@ -124,10 +124,18 @@ class Attention(nnx.Module):
         allowed = key_mask[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
         if c.sliding_window is not None:
             allowed = allowed & (positions[:, :, None] - key_positions[:, None, :] < c.sliding_window)
-        # XLA on CPU/TPU; cuDNN flash attention on GPU where it applies (then the [B, H, T, S]
-        # probabilities are not kept for the backward pass). Scores and softmax run in f32.
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None])
+        implementation = attention_implementation(jax.default_backend(), q.dtype, c.head_dim)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
+                                           implementation=implementation)
         return self.o_proj(out.reshape(batch, tokens, c.num_attention_heads * c.head_dim), rngs), k, v
+
+
+def attention_implementation(platform: str, dtype, head_dim: int) -> str | None:
+    """The one rule for attention, also the memory formula's: ``"cudnn"`` (fused flash attention, which keeps
+    no ``[B, H, T, S]`` probabilities for the backward pass) on a GPU in bf16/f16 with a head_dim cuDNN takes
+    (a multiple of 8 up to 128); None (XLA, which keeps them) elsewhere."""
+    supported = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if platform == "gpu" and supported and head_dim % 8 == 0 and head_dim <= 128 else None
 
 
 class MLP(nnx.Module):

@@ -36,6 +36,7 @@ from qlora_jax.config import LoraConfig, QuantConfig
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import LoRAParam
 from qlora_jax.memory import StepShape, training_memory
+from qlora_jax.model import attention_implementation
 from qlora_jax.train import make_train_step
 
 VARIANTS = {
@@ -92,7 +93,9 @@ def _memory(compiled, config, quant: QuantConfig, args, compute_dtype) -> dict[s
     analysis = compiled.memory_analysis()
     stats = jax.devices()[0].memory_stats() or {}
     shape = StepShape(args.batch, args.seq_len, args.checkpointing, loss_chunk=LOSS_CHUNK,
-                      compute_bytes=jnp.dtype(compute_dtype).itemsize, flash_attention=False)
+                      compute_bytes=jnp.dtype(compute_dtype).itemsize,
+                      flash_attention=attention_implementation(jax.default_backend(), compute_dtype,
+                                                               config.head_dim) == "cudnn")
     parts = {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes,
              "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes}
     parts["compiled peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]

@@ -1,5 +1,7 @@
 """The memory model, chunked cross entropy, host-offloaded optimizer state and activation offload."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,17 @@ def test_compiled_memory_refuses_a_mesh():
 def test_memory_cli_compiled(capsys):
     assert main(["--model", "llama-7b", "--seq-len", "512", "--batch", "2", "--compiled", "--data", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --compiled compiles the step for one device")
+
+
+def test_formula_attention_follows_the_models_rule(capsys):
+    """--platform gpu: cuDNN keeps no [B, H, T, T] probabilities; --platform cpu: XLA keeps them."""
+    assert main(["--model", "llama-7b", "--seq-len", "2048", "--checkpointing", "none"]) == 0
+    gpu = capsys.readouterr().out
+    assert main(["--model", "llama-7b", "--seq-len", "2048", "--checkpointing", "none", "--platform", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+
+    def activations(report):
+        return float(re.search(r"activations\s+([\d.]+) GiB", report).group(1))
+
+    # 32 layers x 32 heads x 2048^2 f32 probabilities + bf16 copies: 24 GiB more without the fused kernel
+    assert activations(cpu) - activations(gpu) == pytest.approx(32 * 32 * 2048 * (2048 * 6 - 4) / 2**30, abs=0.01)

@@ -145,3 +145,38 @@ def test_model_bytes_match_bits_per_parameter_formula():
                         + 32 * -(-(m.in_features * m.out_features // 64) // 256) + 32 for m in linears)
     assert held * 8 == expected_bits
     assert abs(8 * held / numel - (4 + 8 / 64 + 32 / (64 * 256))) < 0.01
+
+
+def test_attention_rule_picks_cudnn_on_gpu_and_its_cuda_lowering_calls_cudnn(monkeypatch):
+    """One rule (``attention_implementation``) for the model and the memory formula. Lowered for CUDA on this
+    CPU machine (cuDNN's version check patched out: there is no cuDNN here), the forward and backward passes
+    are cuDNN's fused attention custom calls."""
+    import re
+
+    from flax import nnx
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+    from qlora_jax.loading import random_model
+    from qlora_jax.lora import LoRAParam
+    from qlora_jax.model import attention_implementation
+
+    assert attention_implementation("gpu", jnp.bfloat16, 128) == "cudnn"
+    assert attention_implementation("gpu", jnp.float16, 64) == "cudnn"
+    assert attention_implementation("gpu", jnp.float32, 128) is None  # f32: XLA
+    assert attention_implementation("gpu", jnp.bfloat16, 256) is None  # head_dim cuDNN does not take
+    assert attention_implementation("cpu", jnp.bfloat16, 64) is None and attention_implementation("tpu", jnp.bfloat16,
+                                                                                                 64) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda *args, **kwargs: None)
+    model = random_model(ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16), quant=QuantConfig("none"),
+                         lora=LoraConfig(rank=4), compute_dtype=jnp.bfloat16, remat="layer")
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    ids, mask = jnp.zeros((2, 32), jnp.int32), jnp.ones((2, 32), bool)
+
+    def loss(lora):
+        return nnx.merge(graphdef, lora, frozen)(ids, mask).astype(jnp.float32).mean()
+
+    text = jax.jit(jax.grad(loss)).trace(lora).lower(lowering_platforms=("cuda",)).as_text()
+    assert set(re.findall(r"__cudnn\$\w+", text)) == {"__cudnn$fmhaScaleBiasSoftmax",
+                                                       "__cudnn$fmhaScaleBiasSoftmaxBackward"}
