@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         quant = quant_config(args)
         lora = LoraConfig(rank=args.r)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
-                          flash_attention=attention_implementation(args.platform, jnp.bfloat16,
-                                                                   config.head_dim) == "cudnn",
+                          flash_attention=attention_implementation(args.platform, jnp.bfloat16, config.head_dim,
+                                                                   args.seq_len, args.seq_len) == "cudnn",
                           data=args.data, fsdp=args.fsdp)
         formula = training_memory(config, quant, lora, shape)
         print(format_report(args.model, formula, shape, lora, quant))

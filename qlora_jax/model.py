@@ -124,18 +124,20 @@ class Attention(nnx.Module):
         allowed = key_mask[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
         if c.sliding_window is not None:
             allowed = allowed & (positions[:, :, None] - key_positions[:, None, :] < c.sliding_window)
-        implementation = attention_implementation(jax.default_backend(), q.dtype, c.head_dim)
+        implementation = attention_implementation(jax.default_backend(), q.dtype, c.head_dim, tokens, k.shape[1])
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
                                            implementation=implementation)
         return self.o_proj(out.reshape(batch, tokens, c.num_attention_heads * c.head_dim), rngs), k, v
 
 
-def attention_implementation(platform: str, dtype, head_dim: int) -> str | None:
+def attention_implementation(platform: str, dtype, head_dim: int, tokens: int, keys: int) -> str | None:
     """The one rule for attention, also the memory formula's: ``"cudnn"`` (fused flash attention, which keeps
-    no ``[B, H, T, S]`` probabilities for the backward pass) on a GPU in bf16/f16 with a head_dim cuDNN takes
-    (a multiple of 8 up to 128); None (XLA, which keeps them) elsewhere."""
+    no ``[B, H, T, S]`` probabilities for the backward pass) on a GPU in bf16/f16 where cuDNN takes the shape:
+    head_dim a multiple of 8 up to 128, and even ``tokens`` (T) and ``keys`` (S), which cuDNN needs with a
+    mask (so one-token decode steps stay on XLA); None (XLA, which keeps them) elsewhere."""
     supported = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if platform == "gpu" and supported and head_dim % 8 == 0 and head_dim <= 128 else None
+    shape_ok = head_dim % 8 == 0 and head_dim <= 128 and tokens % 2 == 0 and keys % 2 == 0
+    return "cudnn" if platform == "gpu" and supported and shape_ok else None
 
 
 class MLP(nnx.Module):

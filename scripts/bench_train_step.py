@@ -94,8 +94,8 @@ def _memory(compiled, config, quant: QuantConfig, args, compute_dtype) -> dict[s
     stats = jax.devices()[0].memory_stats() or {}
     shape = StepShape(args.batch, args.seq_len, args.checkpointing, loss_chunk=LOSS_CHUNK,
                       compute_bytes=jnp.dtype(compute_dtype).itemsize,
-                      flash_attention=attention_implementation(jax.default_backend(), compute_dtype,
-                                                               config.head_dim) == "cudnn")
+                      flash_attention=attention_implementation(jax.default_backend(), compute_dtype, config.head_dim,
+                                                               args.seq_len, args.seq_len) == "cudnn")
     parts = {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes,
              "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes}
     parts["compiled peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]

@@ -161,12 +161,13 @@ def test_attention_rule_picks_cudnn_on_gpu_and_its_cuda_lowering_calls_cudnn(mon
     from qlora_jax.lora import LoRAParam
     from qlora_jax.model import attention_implementation
 
-    assert attention_implementation("gpu", jnp.bfloat16, 128) == "cudnn"
-    assert attention_implementation("gpu", jnp.float16, 64) == "cudnn"
-    assert attention_implementation("gpu", jnp.float32, 128) is None  # f32: XLA
-    assert attention_implementation("gpu", jnp.bfloat16, 256) is None  # head_dim cuDNN does not take
-    assert attention_implementation("cpu", jnp.bfloat16, 64) is None and attention_implementation("tpu", jnp.bfloat16,
-                                                                                                 64) is None
+    assert attention_implementation("gpu", jnp.bfloat16, 128, 512, 512) == "cudnn"
+    assert attention_implementation("gpu", jnp.float16, 64, 512, 512) == "cudnn"
+    assert attention_implementation("gpu", jnp.float32, 128, 512, 512) is None  # f32: XLA
+    assert attention_implementation("gpu", jnp.bfloat16, 256, 512, 512) is None  # head_dim cuDNN does not take
+    assert attention_implementation("gpu", jnp.bfloat16, 128, 1, 640) is None  # a decode step (odd T)
+    assert attention_implementation("cpu", jnp.bfloat16, 64, 512, 512) is None
+    assert attention_implementation("tpu", jnp.bfloat16, 64, 512, 512) is None
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda *args, **kwargs: None)
     model = random_model(ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16), quant=QuantConfig("none"),
