@@ -7,13 +7,12 @@ CPU rehearsal of ``scripts/gpu_check.sh`` (``tests/test_gpu_check.py``).
 """
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
+import timing
 
 from qlora_jax.config import ModelConfig
 from qlora_jax.memory import PRESETS
@@ -40,13 +39,7 @@ class Report:
 
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` (results waited for), after one call that compiles and warms up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timing.median_seconds(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def int_list(text: str) -> tuple[int, ...]:

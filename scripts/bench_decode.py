@@ -24,7 +24,6 @@ time of the full call minus prefill. "weights MiB" is what every decode step rea
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -55,8 +54,6 @@ def peer_decode(peer: Peer, variant: str, batch: int, prompt_len: int, new_token
 
 def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
     """llama.cpp on the same model as shipped (SmolLM2 Q4_1 GGUF), batch 1, greedy, through llama-cpp-python."""
-    import statistics
-
     from llama_cpp import Llama
 
     gguf = assets.smollm2_gguf()
@@ -70,16 +67,8 @@ def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
         for _ in range(count - 1):
             model.eval([int(np.argmax(model.scores[model.n_tokens - 1]))])
 
-    def median(count: int) -> float:
-        run(count)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(count)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    prefill, full = median(1), median(new_tokens + 1)
+    prefill = median_seconds(lambda: run(1), repeats)
+    full = median_seconds(lambda: run(new_tokens + 1), repeats)
     decode = full - prefill
     return {"prefill_tokens_per_second": prompt_len / prefill, "decode_tokens_per_second": new_tokens / decode,
             "ms_per_token": 1e3 * decode / new_tokens, "weights_bytes": gguf.stat().st_size}
@@ -88,12 +77,7 @@ def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
 def read_bandwidth() -> float:
     """Bytes/s numpy reads from memory here (median of 5 sums of a 1 GiB float32 array)."""
     array = np.ones(2**28, np.float32)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        array.sum()
-        times.append(time.perf_counter() - start)
-    return array.nbytes / sorted(times)[2]
+    return array.nbytes / median_seconds(array.sum, 5)
 
 
 def build_model(name: str, quant: QuantConfig, compute_dtype):

@@ -11,13 +11,12 @@ real linear weights of SmolLM2-135M-Instruct.
 """
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from qlora_jax import assets
 from qlora_jax.quant import dequantize, quantize
@@ -26,20 +25,9 @@ LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_outp
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_qlora_jax(x: np.ndarray, repeats: int) -> float:
     x_device = jnp.asarray(x)
-    run = lambda: jax.block_until_ready(quantize(x_device, "nf4", 64, True))  # noqa: E731
-    run()  # compile
-    return _median_seconds(run, repeats)
+    return median_seconds(lambda: jax.block_until_ready(quantize(x_device, "nf4", 64, True)), repeats)
 
 
 def time_bitsandbytes(x: np.ndarray, repeats: int) -> float:
@@ -47,9 +35,8 @@ def time_bitsandbytes(x: np.ndarray, repeats: int) -> float:
     import torch
 
     x_torch = torch.from_numpy(x)
-    run = lambda: bnbf.quantize_4bit(x_torch, blocksize=64, compress_statistics=True, quant_type="nf4")  # noqa: E731
-    run()
-    return _median_seconds(run, repeats)
+    return median_seconds(lambda: bnbf.quantize_4bit(x_torch, blocksize=64, compress_statistics=True,
+                                                     quant_type="nf4"), repeats)
 
 
 def smollm2_linear_weights(max_layers: int) -> np.ndarray:

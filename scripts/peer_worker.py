@@ -18,11 +18,11 @@ oracle extra (torch, transformers, peft, bitsandbytes).
 """
 
 import json
-import statistics
 import sys
 import time
 
 import torch
+from timing import median_seconds
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,16 +38,6 @@ def load(model_dir: str, variant: str):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(),
                                                 dtype=torch.float32).eval()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
