@@ -8,16 +8,15 @@ from .config import QuantConfig
 from .model_source import BUILTIN_MODELS, adapter_base_model
 
 
-def add_model_args(parser: argparse.ArgumentParser, adapter: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--revision``, ``--adapter``, ``--quant``, ``--blocksize``, ``--[no-]double-quant``,
     ``--compute-dtype``: the same names, defaults and help in every command."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help=f"base model: a Hugging Face directory, a repo id in the local Hugging Face "
-                                       f"cache (owner/name), or {', '.join(BUILTIN_MODELS)}"
-                                       + ("; default: the adapter's base_model_name_or_path" if adapter else ""))
+                                       f"cache (owner/name), or {', '.join(BUILTIN_MODELS)}; default: the "
+                                       "adapter's base_model_name_or_path")
     group.add_argument("--revision", help="branch, tag or commit of a cached repo id (default: main)")
-    if adapter:
-        group.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    group.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
     add_quant_args(group)
     group.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                        help="activation dtype; auto: float32 on CPU (faster decoding there), bfloat16 on GPU/TPU")
@@ -49,6 +48,6 @@ def model_source(args: argparse.Namespace) -> str:
     """``--model``, or the base model the ``--adapter`` names, as PEFT's ``AutoPeftModelForCausalLM`` reads it."""
     if args.model:
         return args.model
-    if getattr(args, "adapter", None):
+    if args.adapter:
         return adapter_base_model(args.adapter)
     raise ValueError("give --model (or --adapter, whose adapter_config.json names its base model)")

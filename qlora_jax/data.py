@@ -13,6 +13,7 @@ Files are JSON (a list) or JSON Lines. Labels are -100 where no loss is taken.
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,9 @@ def chitchat_messages() -> list[list[dict]]:
     return conversations
 
 
+_WHITESPACE = re.compile(r"\s*")
+
+
 class Encoder:
     """Turns records into ``Example``s with the truncation and loss masking of the config."""
 
@@ -210,9 +214,9 @@ class Encoder:
                 raise DataError("the chat template changes message contents; cannot locate replies to train on")
             cursor = start + len(content)
             if message["role"] == "assistant":
-                gap = len(text[cursor:]) - len(text[cursor:].lstrip())  # LLaMA-2 writes " </s>" after a reply
-                eot = self._end_of_turn and text.startswith(self._end_of_turn, cursor + gap)
-                spans.append((start, cursor + gap + len(self._end_of_turn) if eot else cursor))
+                after = _WHITESPACE.match(text, cursor).end()  # LLaMA-2 writes " </s>" after a reply
+                eot = self._end_of_turn and text.startswith(self._end_of_turn, after)
+                spans.append((start, after + len(self._end_of_turn) if eot else cursor))
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         # a token's span without its leading whitespace (SentencePiece "▁Hi", GPT-2 "ĠHi" cover the space before)
         begins = np.asarray([b + (len(text[b:e]) - len(text[b:e].lstrip()) if text[b:e].strip() else 0)

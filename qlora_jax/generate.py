@@ -126,11 +126,15 @@ def _report(started) -> None:
         print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
+def _before_end(tokenizer: Tokenizer, tokens: list[int]) -> tuple[list[int], bool]:
+    """``tokens`` up to the first end-of-sequence id (any of ``tokenizer.stop_ids``), and whether one came."""
+    end = next((i for i, token in enumerate(tokens) if token in tokenizer.stop_ids), None)
+    return (tokens, False) if end is None else (tokens[:end], True)
+
+
 def _finish(tokenizer: Tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
-    """Decode up to the first end-of-sequence id (any of ``tokenizer.stop_ids``), then cut at the first stop string."""
-    ends = [i for i, token in enumerate(tokens) if token in tokenizer.stop_ids]
-    tokens = tokens[: ends[0]] if ends else tokens
-    return _cut_at_stop(tokenizer.decode(tokens), stop)
+    """Decode up to the first end-of-sequence id, then cut at the first stop string."""
+    return _cut_at_stop(tokenizer.decode(_before_end(tokenizer, tokens)[0]), stop)
 
 
 def generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 32,
@@ -191,15 +195,14 @@ def stream(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_t
         new, last_logits, cache = _next_tokens(graphdef, state, last_logits, cache, keys[start:start + chunk],
                                                sampling=sampling)
         started = _report(started)
-        new = [int(t) for t in np.asarray(new)][: max_new_tokens - start]
-        ends = [i for i, token in enumerate(new) if token in tokenizer.stop_ids]
-        tokens += new[: ends[0]] if ends else new
+        new, ended = _before_end(tokenizer, [int(t) for t in np.asarray(new)][: max_new_tokens - start])
+        tokens += new
         decoded = tokenizer.decode(tokens)
         text = _cut_at_stop(decoded, stop)
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-        if ends or len(text) < len(decoded):  # end of sequence, or a stop string appeared
+        if ended or len(text) < len(decoded):  # end of sequence, or a stop string appeared
             break
 
 

@@ -152,12 +152,11 @@ def lora_product(h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     ``[R, out]`` result is transposed, and an optimization barrier keeps XLA from folding that
     transpose back into the product.
     """
-    low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)  # [..., R]
-    return jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32)
+    return _lora_product_forward(h, a, b)[0]
 
 
 def _lora_product_forward(h, a, b):
-    low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)
+    low = jnp.einsum("...i,ri->...r", h, a, preferred_element_type=jnp.float32).astype(h.dtype)  # [..., R]
     return jnp.einsum("...r,or->...o", low, b, preferred_element_type=jnp.float32), (h, a, b, low)
 
 

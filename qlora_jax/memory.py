@@ -177,8 +177,7 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
-    backend = jax.default_backend()
-    lines = [f"compiled ({backend} backend, buffers donated as on an accelerator; formula beside it):"]
+    lines = [f"compiled ({jax.default_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
     for label, value, predicted, what in rows:
         beside = f"   formula {predicted / GIB:8.2f} GiB" if predicted is not None else " " * 25
         lines.append(f"  {label:<28} {value / GIB:8.2f} GiB{beside}   ({what})")

@@ -8,7 +8,6 @@ A model source is one of
   revision (branch, tag or commit) if one is given. Nothing is ever downloaded.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from . import assets
+from .jsonio import read_json_object
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": assets.prepared_smollm2}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -60,10 +60,7 @@ def adapter_base_model(adapter_dir: Path) -> str:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json")
-    try:
-        base = json.loads(path.read_text()).get("base_model_name_or_path")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{path}: expected a JSON object ({err})") from None
+    base = read_json_object(path).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise ValueError(f"{path} names no base_model_name_or_path; give the base model with --model")
     if not Path(base).expanduser().exists() and base not in BUILTIN_MODELS and not is_repo_id(base):

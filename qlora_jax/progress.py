@@ -67,16 +67,21 @@ class BarProgress:
         self.bar.close()
 
 
+class NoProgress:
+    """What hosts other than the primary report: nothing."""
+
+    def update(self, done: int, values: dict) -> None:
+        pass
+
+    def write(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def make_progress(first: int, total: int, every: int, enabled: bool):
     """A bar on a terminal, plain lines otherwise, nothing when ``enabled`` is false (non-primary hosts)."""
     if not enabled:
-        return PlainProgress(first, total, every=1 << 62, seconds=float("inf"), out=_Discard())
+        return NoProgress()
     return BarProgress(first, total) if sys.stderr.isatty() else PlainProgress(first, total, every)
-
-
-class _Discard:
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass

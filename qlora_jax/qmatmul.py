@@ -61,9 +61,8 @@ def tile_rows(weight: QuantizedTensor) -> int | None:
     """Rows per tile for ``weight``: the largest divisor of N up to ``ROW_TILE`` whose tiles hold whole quant
     blocks (a multiple of 8 rows); None when no tiling applies (one tile would be the whole weight)."""
     n, k = weight.shape
-    rows = next((r for r in range(min(ROW_TILE, n // 2), 7, -1)
+    return next((r for r in range(min(ROW_TILE, n // 2), 7, -1)
                  if n % r == 0 and r % 8 == 0 and (r * k) % weight.blocksize == 0), None)
-    return rows
 
 
 def _tiled_forward(x: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Array:

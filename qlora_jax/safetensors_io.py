@@ -43,7 +43,6 @@ class SafetensorsFile:
             self._file = safe_open(str(self.path), framework="numpy")
         except SafetensorError as err:
             raise SafetensorsError(f"{self.path}: not a valid safetensors file: {err}") from None
-        self.metadata = self._file.metadata() or {}
 
     def __enter__(self) -> "SafetensorsFile":
         return self

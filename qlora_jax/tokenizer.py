@@ -57,7 +57,9 @@ def _sentencepiece_tokenizer(path: Path, config: dict):
     id), a Metaspace pre-tokenizer (the ``▁`` prefix on the first section only, or on every
     section when ``legacy: true``; none with ``add_prefix_space: false``), control and
     unknown pieces as special tokens, so ``<s>`` in text is the BOS id, not the characters
-    ``<``, ``s``, ``>``. LLaMA-family SentencePiece models are BPE.
+    ``<``, ``s``, ``>``. LLaMA-family SentencePiece models are BPE. Written here because the
+    converter lives in transformers (not a run-time dependency) and ``tokenizers`` has none for
+    SentencePiece BPE models; ``tests/test_tokenizer.py`` holds it to transformers' ids.
     """
     import sentencepiece
     from tokenizers import AddedToken, decoders, pre_tokenizers
