@@ -238,9 +238,24 @@ class LoraConfig:
     """Which projections get adapters."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r)."""
+    init: Literal["default", "loftq"] = "default"
+    """default: PEFT's (A Kaiming-uniform, B zero); loftq: A and B from a truncated SVD of the quantization
+    error, so that ``dequant(Q) + scaling * B @ A`` approximates the original weight (``loftq.py``)."""
+    loftq_iters: int = 1
+    """LoftQ alternations: 1 keeps the base the standard quantization of W (PEFT's
+    ``replace_lora_weights_loftq``); N > 1 re-quantizes ``W - scaling * B @ A`` N - 1 times, so the run
+    saves that base next to the adapter."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trainable magnitude per output feature (PEFT's ``use_dora``)."""
 
     def __post_init__(self):
         problems = []
+        if self.init not in ("default", "loftq"):
+            problems.append(f"lora.init={self.init!r} must be default or loftq")
+        if not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            problems.append(f"lora.loftq_iters={self.loftq_iters!r} must be a positive integer")
+        elif self.loftq_iters > 1 and self.init != "loftq":
+            problems.append(f"lora.loftq_iters={self.loftq_iters} needs lora.init: loftq")
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"lora.rank={self.rank!r} must be a positive integer")
         if not self.alpha > 0:
@@ -500,3 +515,16 @@ class RunConfig:
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        problems = []
+        if self.lora.init == "loftq":
+            if not self.quant.quantized:
+                problems.append("lora.init: loftq fits the quantization error, and quant.quant_type: none has "
+                                "none; use nf4, fp4 or int4")
+            elif self.lora.loftq_iters > 1 and self.quant.quant_type == "int4":
+                problems.append("lora.loftq_iters > 1 saves the re-quantized base as a bitsandbytes checkpoint, "
+                                "which holds nf4 or fp4, not int4")
+            if self.model.adapter:
+                problems.append("lora.init: loftq and model.adapter both set the adapters' start; drop one")
+        _raise_all(problems)

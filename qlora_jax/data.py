@@ -44,6 +44,8 @@ class Example:
     input_ids: np.ndarray
     labels: np.ndarray
     truncated: bool = False
+    messages: list[dict] | None = None
+    """The conversation a chat example was rendered from (to score it otherwise, ``Encoder.content``)."""
 
 
 @dataclass
@@ -164,6 +166,23 @@ def chitchat_messages() -> list[list[dict]]:
 _WHITESPACE = re.compile(r"\s*")
 
 
+def _message_spans(text: str, messages: list[dict]) -> list[tuple[str, int, int]]:
+    """``(role, start, end)``: where each message's content lies in the rendered ``text``, found verbatim in
+    order, or without its outer whitespace when the template trims it (LLaMA-2's, LLaMA-3's)."""
+    spans, cursor = [], 0
+    for message in messages:
+        content = message["content"]
+        start = text.find(content, cursor)
+        if start < 0:
+            content = content.strip()
+            start = text.find(content, cursor)
+        if start < 0:
+            raise DataError("the chat template changes message contents; cannot locate replies to train on")
+        cursor = start + len(content)
+        spans.append((message["role"], start, cursor))
+    return spans
+
+
 class Encoder:
     """Turns records into ``Example``s with the truncation and loss masking of the config."""
 
@@ -190,45 +209,60 @@ class Encoder:
         text, or without its outer whitespace when the template trims it) or the
         end-of-turn text the template puts after replies.
         """
+        return self._within_budget(messages, self._chat)
+
+    def content(self, messages: list[dict]) -> Example:
+        """The tokens ``chat`` gives, with labels on the tokens of every message's content (any role) and
+        nothing else: not the template's markup, not a system prompt the template adds by itself. The
+        measure of ``scripts/reproduce_paper.py``'s data-type table."""
+        return self._within_budget(messages, self._content)
+
+    def _within_budget(self, messages: list[dict], encode) -> Example:
+        """``encode`` of the messages that can reach ``max_len`` tokens (rendering the rest is wasted work)."""
         budget, kept = 16 * self.config.max_len, len(messages)  # characters: far beyond max_len tokens
         for k in range(len(messages)):
             budget -= len(messages[k]["content"])
             if budget < 0:
                 kept = k + 1
                 break
-        example = self._chat(messages[:kept])
+        example = encode(messages[:kept])
         if kept < len(messages) and len(example.input_ids) < self.config.max_len:
-            example = self._chat(messages)  # the cut was too early (very long tokens): render everything
+            example = encode(messages)  # the cut was too early (very long tokens): render everything
+        example.messages = messages
         return example
 
     def _chat(self, messages: list[dict]) -> Example:
         text = self.tokenizer.apply_chat_template(messages)
-        spans, cursor = [], 0
-        for message in messages:
-            content = message["content"]
-            start = text.find(content, cursor)
-            if start < 0:  # templates that trim messages (LLaMA-2's, LLaMA-3's) drop outer whitespace
-                content = content.strip()
-                start = text.find(content, cursor)
-            if start < 0:
-                raise DataError("the chat template changes message contents; cannot locate replies to train on")
-            cursor = start + len(content)
-            if message["role"] == "assistant":
-                after = _WHITESPACE.match(text, cursor).end()  # LLaMA-2 writes " </s>" after a reply
-                eot = self._end_of_turn and text.startswith(self._end_of_turn, after)
-                spans.append((start, after + len(self._end_of_turn) if eot else cursor))
+        spans = [(start, self._reply_end(text, end))
+                 for role, start, end in _message_spans(text, messages) if role == "assistant"]
+        ids, train = self._tokens_inside(text, spans)
+        if self.config.train_on_source:
+            train[:] = True
+        labels = np.where(train, ids, IGNORE).astype(np.int32)
+        return Example(ids[: self.config.max_len], labels[: self.config.max_len], len(ids) > self.config.max_len)
+
+    def _content(self, messages: list[dict]) -> Example:
+        text = self.tokenizer.apply_chat_template(messages)
+        ids, scored = self._tokens_inside(text, [(start, end) for _, start, end in _message_spans(text, messages)])
+        labels = np.where(scored, ids, IGNORE).astype(np.int32)
+        return Example(ids[: self.config.max_len], labels[: self.config.max_len], len(ids) > self.config.max_len)
+
+    def _reply_end(self, text: str, end: int) -> int:
+        """Where a reply's trained span ends: after the end-of-turn marker that follows it, if one does."""
+        after = _WHITESPACE.match(text, end).end()  # LLaMA-2 writes " </s>" after a reply
+        eot = self._end_of_turn and text.startswith(self._end_of_turn, after)
+        return after + len(self._end_of_turn) if eot else end
+
+    def _tokens_inside(self, text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``text``'s ids ``i32[T]`` and which tokens lie inside one of the character ``spans`` (``bool[T]``)."""
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         # a token's span without its leading whitespace (SentencePiece "▁Hi", GPT-2 "ĠHi" cover the space before)
         begins = np.asarray([b + (len(text[b:e]) - len(text[b:e].lstrip()) if text[b:e].strip() else 0)
                              for b, e in offsets], np.int64)
-        train = np.zeros(len(ids), bool)
+        inside = np.zeros(len(ids), bool)
         for start, end in spans:
-            train |= (begins >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
-        if self.config.train_on_source:
-            train[:] = True
-        ids = np.asarray(ids, np.int32)
-        labels = np.where(train, ids, IGNORE).astype(np.int32)
-        return Example(ids[: self.config.max_len], labels[: self.config.max_len], len(ids) > self.config.max_len)
+            inside |= (begins >= start) & (offsets[:, 1] <= end) & (offsets[:, 1] > offsets[:, 0])
+        return np.asarray(ids, np.int32), inside
 
     @functools.cached_property
     def _end_of_turn(self) -> str:

@@ -8,11 +8,11 @@ PEFT adapter on top of it as usual.
 
 Merging: each adapted linear layer's frozen base weight is decoded to f32 (from its
 4-bit codes when the model is loaded quantized, exactly as the fine-tune saw it), the
-LoRA delta ``scaling * lora_b @ lora_a`` is added in f32, and the sum is rounded once to
-bf16. The output is a Hugging Face directory (``config.json`` without a
-``quantization_config``, ``model.safetensors`` with transformers' names, the tokenizer
-files) that transformers and qlora_jax load as an ordinary bf16 checkpoint. It appears
-whole: it is written to ``<out>.partial`` and renamed.
+LoRA delta ``scaling * lora_b @ lora_a`` is added in f32 (a DoRA adapter then rescales each
+row to its magnitude), and the sum is rounded once to bf16. The output is a Hugging Face
+directory (``config.json`` without a ``quantization_config``, ``model.safetensors`` with
+transformers' names, the tokenizer files) that transformers and qlora_jax load as an
+ordinary bf16 checkpoint. It appears whole: it is written to ``<out>.partial`` and renamed.
 """
 
 import argparse
@@ -42,11 +42,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def merged_weight(module: QLoRALinear) -> np.ndarray:
-    """``bf16[out, in]``: the base weight decoded to f32 plus the LoRA delta, rounded once to bf16."""
+    """``bf16[out, in]``: the base weight decoded to f32 plus the LoRA delta (DoRA: each row then rescaled to
+    its magnitude, ``m / ||W + delta||``, as PEFT merges), rounded once to bf16."""
     weight = module.base_weight(jnp.float32)
     if module.lora is not None:
         delta = module.lora_b[...].astype(jnp.float32) @ module.lora_a[...].astype(jnp.float32)  # [out, in]
         weight = weight + module.lora.scaling * delta
+        if module.lora.dora:
+            weight = (module.lora_magnitude[...] / jnp.linalg.norm(weight, axis=1))[:, None] * weight
     return np.asarray(weight).astype(ml_dtypes.bfloat16)
 
 
@@ -127,8 +130,16 @@ def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_q
     ``dtype``: of the unquantized tensors, of the compute, and the dtype bnb records for the
     quantized weights (transformers records the dtype the model was loaded in).
     """
-    _, raw = read_config(model_dir)
     model = load_model(model_dir, quant=QuantConfig(quant_type, double_quant=double_quant), compute_dtype=jnp.float32)
+    return write_bnb(model, model_dir, out_dir, dtype)
+
+
+def write_bnb(model: LlamaForCausalLM, model_dir: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Write ``model``'s base as it is held (its 4-bit codes, e.g. a LoftQ base) as transformers' bitsandbytes
+    4-bit checkpoint, with ``model_dir``'s config and tokenizer files."""
+    if model.quant.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"a bitsandbytes checkpoint holds nf4 or fp4 weights, not {model.quant.quant_type}")
+    _, raw = read_config(model_dir)
     numpy_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     arrays: dict[str, tuple] = {}  # name -> (shape, dtype, producer)
     layer = _layer_reader(model)
@@ -141,7 +152,8 @@ def export_bnb(model_dir: Path, out_dir: Path, quant_type: str = "nf4", double_q
                 arrays[key] = (value.shape, value.dtype, lambda value=value: value)
         else:
             arrays[name] = (_shape_of(model, name), numpy_dtype, produce)
-    config = {**raw, "dtype": dtype, "quantization_config": bnb_quantization_config(quant_type, double_quant, dtype)}
+    quantization = bnb_quantization_config(model.quant.quant_type, model.quant.double_quant, dtype)
+    config = {**raw, "dtype": dtype, "quantization_config": quantization}
     config.pop("torch_dtype", None)
     specs = [(name, shape, array_dtype) for name, (shape, array_dtype, _) in sorted(arrays.items())]
     return _write_directory(model_dir, out_dir, config, specs,

@@ -73,7 +73,8 @@ def describe(directory: Path, quant: QuantConfig, lora: LoraConfig | None, adapt
     lines.append(f"unquantized frozen (bf16): {r['frozen_bytes'] / mib:.1f} MiB")
     if lora is not None:
         where = f"adapter {adapter}: " if adapter else ""
-        lines.append(f"{where}LoRA (r={lora.rank}, alpha={lora.alpha:g}, targets={','.join(lora.targets)}, fp32): "
+        kind = "DoRA" if lora.dora else "LoRA"
+        lines.append(f"{where}{kind} (r={lora.rank}, alpha={lora.alpha:g}, targets={','.join(lora.targets)}, fp32): "
                      f"{r['lora_params']:,} params, {r['lora_bytes'] / mib:.1f} MiB")
     total = r["codes_bytes"] + r["constants_bytes"] + r["frozen_bytes"] + r["lora_bytes"]
     lines.append(f"total held: {total / mib:.1f} MiB")

@@ -129,6 +129,9 @@ def load_model(path: str | Path, quant: QuantConfig | str = QuantConfig(), lora:
         raise ValueError(f"{directory} is a bitsandbytes checkpoint quantized as {stored.quant_type}, blocksize "
                          f"{stored.blocksize}, double_quant={stored.double_quant}; load it with those settings "
                          f"(asked for {', '.join(map(str, quant_config.storage))})")
+    if stored is not None and lora is not None and lora.init == "loftq":
+        raise ValueError(f"{directory} is a bitsandbytes 4-bit checkpoint; lora.init: loftq fits the error of "
+                         "quantizing the original weights, so point model.path at the unquantized model")
     with CheckpointReader(directory) as reader:
         _check_checkpoint(reader, config, stored is not None, directory)
         model = nnx.eval_shape(lambda: LlamaForCausalLM(config, quant=quant_config, lora=lora,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import LoraConfig, QuantConfig
+from .loftq import loftq
 from .qmatmul import quantized_matmul
 from .quant import QuantizedTensor, dequantize, quantize
 
@@ -51,6 +52,11 @@ class QLoRALinear(nnx.Module):
     Shapes: ``W: [out, in]`` stored quantized (``QuantState``) or as ``Frozen`` bf16;
     ``lora_a: f32[R, in]``, ``lora_b: f32[out, R]`` (PEFT's layout); ``bias: [out]``
     frozen. Math runs in ``compute_dtype`` with f32 accumulation.
+
+    DoRA (``lora.dora``) adds ``lora_magnitude: f32[out]`` (PEFT's ``lora_magnitude_vector``) and
+    rescales each output feature by ``magnitude / ||W + scaling * B @ A||`` (row norm, held constant
+    in the backward pass as DoRA section 4.3 and PEFT do), as PEFT computes it:
+    ``y = base(x) + (m/n - 1) * base_nobias(dropout(x)) + m/n * scaling * lora(dropout(x))``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, quant: QuantConfig, lora: LoraConfig | None,
@@ -75,12 +81,21 @@ class QLoRALinear(nnx.Module):
         if lora is not None:
             self.lora_a = LoRAParam(kaiming_uniform_a_sqrt5(rngs.params(), (lora.rank, in_features), param_dtype))
             self.lora_b = LoRAParam(jnp.zeros((out_features, lora.rank), param_dtype))
+            # a placeholder: the loaders set it to the row norms of the loaded weight (init_lora)
+            self.lora_magnitude = LoRAParam(jnp.ones((out_features,), param_dtype)) if lora.dora else None
 
     def load_weight(self, weight: jax.Array) -> None:
-        """Set the frozen base weight from a full-precision ``[out, in]`` array, quantizing it if configured."""
+        """Set the frozen base weight from a full-precision ``[out, in]`` array, quantizing it if configured;
+        with ``lora.init: loftq`` also the adapters (``loftq.loftq``: they need the unquantized weight)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
-        if self.quant.quantized:
+        if self.quant.quantized and self.lora is not None and self.lora.init == "loftq":
+            q, lora_a, lora_b = loftq(jnp.asarray(weight), self.quant, self.lora.rank, self.lora.scaling,
+                                      self.lora.loftq_iters)
+            self.load_quantized(jax.block_until_ready(q))
+            self.lora_a.set_value(lora_a.astype(self.lora_a.get_value().dtype))
+            self.lora_b.set_value(lora_b.astype(self.lora_b.get_value().dtype))
+        elif self.quant.quantized:
             q = quantize(jnp.asarray(weight), self.quant.quant_type, self.quant.blocksize, self.quant.double_quant)
             self.load_quantized(jax.block_until_ready(q))  # one weight in flight: bounds peak memory
         else:
@@ -114,25 +129,45 @@ class QLoRALinear(nnx.Module):
             return dequantize(self.quantized_weight(), dtype)
         return self.weight[...].astype(dtype)
 
+    def _base_product(self, x: jax.Array) -> jax.Array:
+        """``x: [..., in] @ W.T`` -> ``[..., out]`` in ``compute_dtype`` (no bias)."""
+        if self.quant.quantized:
+            return quantized_matmul(x, self.quantized_weight(), self.compute_dtype, self.quant.kernel)
+        w = jax.lax.stop_gradient(self.weight[...]).astype(self.compute_dtype)
+        return jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w,
+                          preferred_element_type=jnp.float32).astype(self.compute_dtype)
+
+    def weight_norm(self, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+        """DoRA's ``f32[out]`` row norms ``||W + scaling * lora_b @ lora_a||`` without forming the ``[out, in]``
+        sum: ``|W_o|^2 + 2 s b_o . (W a^T)_o + s^2 b_o (a a^T) b_o^T``, from the base decoded to f32 once."""
+        w = jax.lax.stop_gradient(self.base_weight(jnp.float32))  # [out, in]
+        a, b = lora_a.astype(jnp.float32), lora_b.astype(jnp.float32)
+        s = self.lora.scaling
+        w_a = jnp.einsum("oi,ri->or", w, a)  # [out, R]
+        squares = (jnp.sum(w * w, axis=1) + 2 * s * jnp.sum(b * w_a, axis=1)
+                   + s * s * jnp.sum((b @ (a @ a.T)) * b, axis=1))
+        return jnp.sqrt(jnp.maximum(squares, 0.0))
+
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """``x: [..., in]`` -> ``[..., out]`` in ``compute_dtype``; ``rngs`` (a ``dropout`` stream) enables dropout."""
-        if self.quant.quantized:
-            y = quantized_matmul(x, self.quantized_weight(), self.compute_dtype, self.quant.kernel)
-        else:
-            w = jax.lax.stop_gradient(self.weight[...]).astype(self.compute_dtype)
-            y = jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w,
-                           preferred_element_type=jnp.float32).astype(self.compute_dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.compute_dtype)
+        y = self._base_product(x)
+        bias = None if self.bias is None else self.bias[...].astype(self.compute_dtype)
         if self.lora is None:
-            return y
+            return y if bias is None else y + bias
         h = x
         if rngs is not None and self.lora.dropout > 0:
             keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.lora.dropout, x.shape)
             h = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(x.dtype)
         a, b = (adapter[...].astype(self.compute_dtype) for adapter in (self.lora_a, self.lora_b))
         delta = lora_product(h.astype(self.compute_dtype), a, b)
-        return (y.astype(jnp.float32) + self.lora.scaling * delta).astype(self.compute_dtype)
+        if not self.lora.dora:
+            y = y if bias is None else y + bias
+            return (y.astype(jnp.float32) + self.lora.scaling * delta).astype(self.compute_dtype)
+        norm = jax.lax.stop_gradient(self.weight_norm(self.lora_a[...], self.lora_b[...]))
+        scale = self.lora_magnitude[...].astype(jnp.float32) / norm  # [out]
+        base = y if h is x else self._base_product(h)  # PEFT rescales the product of the dropped-out input
+        out = y.astype(jnp.float32) + (scale - 1) * base.astype(jnp.float32) + scale * self.lora.scaling * delta
+        return (out if bias is None else out + bias.astype(jnp.float32)).astype(self.compute_dtype)
 
     def quant_nbytes(self) -> int:
         """Bytes of the frozen base weight as held (packed codes + constants, or bf16)."""
@@ -174,7 +209,8 @@ lora_product.defvjp(_lora_product_forward, _lora_product_backward)
 
 def init_lora(layers: nnx.Module, seed: int) -> None:
     """PEFT's init for every adapter of the stacked decoder ``layers`` (each array ``[L, ...]``), in place:
-    ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros; the one LoRA initializer of models whose
+    ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zeros (LoftQ adapters keep what ``load_weight`` fitted),
+    then DoRA magnitudes: the row norms of ``W + scaling * B @ A``. The one LoRA initializer of models whose
     weights are filled after ``nnx.eval_shape`` (loading, random test models).
 
     Adapter number ``n`` (layer by layer, in graph order within a layer) draws from ``fold_in(key(seed), n)``.
@@ -182,8 +218,26 @@ def init_lora(layers: nnx.Module, seed: int) -> None:
     key = jax.random.key(seed)
     adapted = [m for _, m in nnx.iter_graph(layers) if isinstance(m, QLoRALinear) and m.lora is not None]
     for position, module in enumerate(adapted):  # stacked: each module holds its adapter of every layer
+        if module.lora.init == "loftq":
+            if not module.quant.quantized:
+                raise ValueError("lora.init: loftq fits the quantization error; the base is not quantized")
+            continue
         a, b = module.lora_a.get_value(), module.lora_b.get_value()
         module.lora_a.set_value(jnp.stack([
             kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:], a.dtype)
             for i in range(a.shape[0])]))
         module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
+    for module in adapted:
+        if module.lora.dora:
+            module.lora_magnitude.set_value(stacked_weight_norms(module))
+
+
+def stacked_weight_norms(module: QLoRALinear) -> jax.Array:
+    """``f32[L, out]``: ``weight_norm`` of each layer of a stacked projection, one layer decoded at a time."""
+    graphdef, state = nnx.split(module)
+
+    def one_layer(layer_state):
+        layer = nnx.merge(graphdef, layer_state)
+        return layer.weight_norm(layer.lora_a[...], layer.lora_b[...])
+
+    return jax.jit(lambda state: jax.lax.map(one_layer, state))(state)

@@ -70,10 +70,13 @@ def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: 
     d, f, k = config.hidden_size, config.intermediate_size, config.head_dim
     h, g = config.num_attention_heads, config.num_key_value_heads
     r = lora.rank * len(lora.targets) if lora is not None else 0
+    # DoRA: each adapted projection keeps its f32 base and LoRA outputs for the magnitude's gradient, and
+    # multiplies the dropped-out input by the base weight once more (one more matmul output)
+    outs = sum(config.linear_shapes()[t][0] for t in lora.targets) if lora is not None and lora.dora else 0
     # input, attention norm, q/k/v, attention output, residual, MLP norm, gate, up, silu(gate), product, LoRA
-    kept = n * b * (d + d + (h + 2 * g) * k + h * k + d + d + 4 * f + r)
+    kept = n * b * (d + d + (h + 2 * g) * k + h * k + d + d + 4 * f + r) + n * (8 + b) * outs
     scores = shape.batch * h * shape.seq_len * (4 if shape.flash_attention else shape.seq_len * (4 + b))
-    dots = n * b * ((h + 2 * g) * k + d + 2 * f + d + r)
+    dots = n * b * ((h + 2 * g) * k + d + 2 * f + d + r + outs)
     return {"all": kept + scores, "dots": dots, "input": n * b * d}
 
 
@@ -199,7 +202,8 @@ def resolve_model(name: str) -> ModelConfig:
 def format_report(name: str, parts: dict[str, int], shape: StepShape, lora: LoraConfig, quant: QuantConfig) -> str:
     mesh = f", mesh data {shape.data} x fsdp {shape.fsdp} (per device)" if shape.devices > 1 else ""
     lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens{mesh}, {quant.quant_type}"
-             f"{'+dq' if quant.double_quant and quant.quantized else ''}, LoRA r={lora.rank} on "
+             f"{'+dq' if quant.double_quant and quant.quantized else ''}, "
+             f"{'DoRA' if lora.dora else 'LoRA'} r={lora.rank} on "
              f"{len(lora.targets)} projections, checkpointing {shape.checkpointing}, optimizer offload "
              f"{shape.offload}, loss chunk {shape.loss_chunk or 'none'}"]
     for key, value in parts.items():
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (all 7 projections)")
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output feature)")
     add_quant_args(parser)
     parser.add_argument("--offload", default="none", choices=["none", "host", "host_with_params"])
     parser.add_argument("--checkpointing", default="layer", choices=CHECKPOINTING)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seq-len, --batch, --data and --fsdp must be >= 1, --loss-chunk >= 0")
         config = resolve_model(args.model)
         quant = quant_config(args)
-        lora = LoraConfig(rank=args.r)
+        lora = LoraConfig(rank=args.r, dora=args.dora)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
                           flash_attention=attention_implementation(args.platform, jnp.bfloat16, config.head_dim,
                                                                    args.seq_len, args.seq_len) == "cudnn",

@@ -1,7 +1,8 @@
 """LoRA adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys are PEFT's for a causal LM: ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``
-(``f32[R, in]``) and ``...lora_B.weight`` (``f32[out, R]``) — the layout our ``QLoRALinear`` keeps.
+(``f32[R, in]``) and ``...lora_B.weight`` (``f32[out, R]``) — the layout our ``QLoRALinear`` keeps —
+and, for DoRA (``use_dora``), ``...q_proj.lora_magnitude_vector`` (``f32[out]``, no ``.weight``).
 """
 
 import json
@@ -30,13 +31,21 @@ def _adapted_projections(model: LlamaForCausalLM):
             yield prefixes, module
 
 
+def _adapter_arrays(module: QLoRALinear):
+    """``(PEFT's name after the projection's prefix, stacked variable)`` of each array of one adapter."""
+    yield "lora_A.weight", module.lora_a
+    yield "lora_B.weight", module.lora_b
+    if module.lora.dora:
+        yield "lora_magnitude_vector", module.lora_magnitude
+
+
 def adapter_config(lora: LoraConfig, base_model: str) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": lora.rank,
         "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": sorted(lora.targets),
         "bias": "none", "use_rslora": lora.rslora, "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "revision": None,
-        "use_dora": False,
+        "use_dora": lora.dora,
     }
 
 
@@ -53,9 +62,9 @@ def save_peft_adapter(model: LlamaForCausalLM, out_dir: Path, base_model: str) -
     partial.mkdir(parents=True)
     tensors = {}
     for prefixes, module in _adapted_projections(model):
-        for suffix, stacked in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+        for name, stacked in _adapter_arrays(module):
             values = np.asarray(stacked[...], np.float32)  # [L, ...]
-            tensors.update({f"{prefix}.{suffix}.weight": values[i] for i, prefix in enumerate(prefixes)})
+            tensors.update({f"{prefix}.{name}": values[i] for i, prefix in enumerate(prefixes)})
     save_file(tensors, partial / "adapter_model.safetensors", metadata={"format": "pt"})
     (partial / "adapter_config.json").write_text(json.dumps(adapter_config(model.lora, base_model), indent=2))
     replace_directory(partial, out_dir)
@@ -73,7 +82,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
     try:
         return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
                           dropout=float(raw.get("lora_dropout", 0)), targets=tuple(sorted(targets)),
-                          rslora=bool(raw.get("use_rslora", False)))
+                          rslora=bool(raw.get("use_rslora", False)), dora=bool(raw.get("use_dora", False)))
     except KeyError as err:
         raise ValueError(f"{path}: missing key {err.args[0]!r} (a PEFT LoRA adapter config has r and lora_alpha)") \
             from None
@@ -83,7 +92,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoraConfig:
 
 def _identity(lora: LoraConfig) -> tuple:
     """What must agree between an adapter and the model it is loaded into."""
-    return lora.rank, lora.alpha, lora.rslora, tuple(sorted(lora.targets))
+    return lora.rank, lora.alpha, lora.rslora, lora.dora, tuple(sorted(lora.targets))
 
 
 def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: str | Path) -> None:
@@ -91,25 +100,26 @@ def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: str | Path) -> None:
     adapter_dir = Path(adapter_dir)
     lora = read_adapter_config(adapter_dir)
     if model.lora is None or _identity(lora) != _identity(model.lora):
-        raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank}, alpha {lora.alpha:g}, rslora {lora.rslora} "
-                         f"on {list(lora.targets)}; the model expects {model.lora}")
+        raise ValueError(f"{adapter_dir}: adapter has rank {lora.rank}, alpha {lora.alpha:g}, rslora {lora.rslora}, "
+                         f"dora {lora.dora} on {list(lora.targets)}; the model expects {model.lora}")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors")
     tensors = load_file(weights)
     for prefixes, module in _adapted_projections(model):
-        for suffix, stacked in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+        for name, stacked in _adapter_arrays(module):
             layer_shape = stacked.get_value().shape[1:]
-            values = [_adapter_tensor(tensors, f"{prefix}.{suffix}", layer_shape, adapter_dir, weights)
+            values = [_adapter_tensor(tensors, f"{prefix}.{name}", layer_shape, adapter_dir, weights)
                       for prefix in prefixes]
             stacked.set_value(jnp.asarray(np.stack(values)))
 
 
 def _adapter_tensor(tensors: dict, key: str, shape: tuple, adapter_dir: Path, weights: Path) -> np.ndarray:
-    """One layer's adapter matrix ``key`` (PEFT's name, with or without ``.default``), checked: ``f32[shape]``."""
-    name = next((k for k in (f"{key}.weight", f"{key}.default.weight") if k in tensors), None)
+    """One layer's adapter array ``key`` (PEFT's name, with or without ``.default``), checked: ``f32[shape]``."""
+    with_default = key[: -len(".weight")] + ".default.weight" if key.endswith(".weight") else key + ".default"
+    name = next((k for k in (key, with_default) if k in tensors), None)
     if name is None:
-        raise ValueError(f"{adapter_dir}: adapter lacks {key}.weight (different base model?)")
+        raise ValueError(f"{adapter_dir}: adapter lacks {key} (different base model?)")
     if tensors[name].shape != shape:
         raise ValueError(f"{adapter_dir}: {name} has shape {tensors[name].shape}, the model expects "
                          f"{shape} (different base model or rank?)")

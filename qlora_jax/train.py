@@ -37,6 +37,7 @@ from .config import QuantConfig, RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
 from .data import BatchIterator, DataError, eval_batches, load_dataset
 from .evaluate import mmlu
+from .export import write_bnb
 from .loading import load_model
 from .lora import LoRAParam
 from .loss import token_loss
@@ -271,6 +272,9 @@ def train(config: RunConfig, log=print) -> dict:
     checkpoints = Checkpoints(run_dir, config.train.keep_checkpoints)
     if primary:
         dump_run_config(config, run_dir / "config.yaml")
+        if loftq_base(config, run_dir):
+            write_bnb(model, model_dir, loftq_base(config, run_dir))
+            log(f"LoftQ base (quantized {config.lora.loftq_iters} times): {loftq_base(config, run_dir)}")
     chat_like = config.data.format in ("chitchat", "chat", "text")
     max_length = config.data.max_len if chat_like else config.data.source_max_len + config.data.target_max_len
     iterator = BatchIterator(dataset.train, config.train.batch_size, config.train.grad_accum, config.train.seed,
@@ -303,8 +307,16 @@ def train(config: RunConfig, log=print) -> dict:
     if not primary:
         return {}
     model = nnx.merge(graphdef, lora, frozen)
-    save_peft_adapter(model, run_dir / "adapter", source_name(config.model.path, model_dir))
+    base = loftq_base(config, run_dir) or source_name(config.model.path, model_dir)
+    save_peft_adapter(model, run_dir / "adapter", str(base))
     return _write_summary(run_dir, config, loop, resume_step, model_dir, log)
+
+
+def loftq_base(config: RunConfig, run_dir: Path) -> Path | None:
+    """Where a run with ``lora.loftq_iters`` > 1 keeps its base (a bitsandbytes 4-bit checkpoint): LoftQ's
+    alternation re-quantizes ``W - scaling * B @ A``, so that base is not the quantization of the original
+    weights and the adapter belongs to it (its ``base_model_name_or_path``). None for other runs."""
+    return run_dir / "base" if config.lora.init == "loftq" and config.lora.loftq_iters > 1 else None
 
 
 def _make_mesh(config: RunConfig):

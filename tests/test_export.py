@@ -1,6 +1,7 @@
 """Export: the merged bf16 model and the transformers + bitsandbytes 4-bit checkpoint."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,15 +57,27 @@ def test_bnb_nf4_export_is_byte_identical_to_transformers_and_bitsandbytes(tmp_p
     assert load_model(out, quant="nf4").layer(0).self_attn.q_proj.quantized_weight().nbytes() > 0
 
 
+def _merged_logits(adapter: str, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(our fp32 logits of the merged bf16 export of llama3_rope + ``adapter``, which of them are real tokens)."""
+    export_merged(MODELS / "llama3_rope", MODELS / adapter, out, QuantConfig("none"))
+    reference = np.load(MODELS / "reference_logits.npz")
+    ids, mask = jnp.asarray(reference["right_ids"]), jnp.asarray(reference["right_mask"])
+    return np.asarray(load_model(out, quant="none", compute_dtype=jnp.float32)(ids, mask)), \
+        reference["right_mask"].astype(bool)
+
+
 def test_transformers_reads_the_merged_export_as_we_do(tmp_path):
     """merged_export_logits.npz: transformers' float32 logits of this export (scripts/make_export_fixtures.py)."""
-    out = export_merged(MODELS / "llama3_rope", MODELS / "llama3_rope_peft_adapter", tmp_path / "merged",
-                        QuantConfig("none"))
-    reference = np.load(MODELS / "reference_logits.npz")
+    ours, real = _merged_logits("llama3_rope_peft_adapter", tmp_path / "merged")
     transformers_logits = np.load(MODELS / "merged_export_logits.npz")["right_logits"]
-    ids, mask = jnp.asarray(reference["right_ids"]), jnp.asarray(reference["right_mask"])
-    real = reference["right_mask"].astype(bool)
-    ours = np.asarray(load_model(out, quant="none", compute_dtype=jnp.float32)(ids, mask))
     assert np.abs(ours - transformers_logits)[real].max() < 1e-4  # the same file, read the same way
-    peft = reference["llama3_rope_peft/right_logits"]  # PEFT's base + adapter, unmerged
+    peft = np.load(MODELS / "reference_logits.npz")["llama3_rope_peft/right_logits"]  # PEFT's, unmerged
     assert np.abs(transformers_logits - peft)[real].max() / np.abs(peft).max() < 1e-2  # one bf16 rounding
+
+
+def test_merged_dora_export_gives_peft_dora_logits(tmp_path):
+    """PEFT's unmerged DoRA logits (scripts/make_loftq_dora_fixtures.py) from our merged bf16 export."""
+    ours, real = _merged_logits("llama3_rope_peft_dora", tmp_path / "merged")
+    peft = np.load(MODELS / "loftq_dora.npz")["peft_dora/right_logits"]
+    assert np.abs(ours - peft)[real].max() / np.abs(peft).max() < 1e-2  # one bf16 rounding
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())

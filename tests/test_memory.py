@@ -186,8 +186,9 @@ def test_memory_cli(capsys):
                    f"({', '.join(PRESETS)})\n")
 
 
-@pytest.mark.parametrize("quant", [QuantConfig("nf4", 64, True), QuantConfig("none")])
-def test_compiled_step_holds_what_the_formula_says_and_donates_the_state(quant):
+@pytest.mark.parametrize("quant, dora", [(QuantConfig("nf4", 64, True), False), (QuantConfig("none"), False),
+                                         (QuantConfig("nf4", 64, True), True)])
+def test_compiled_step_holds_what_the_formula_says_and_donates_the_state(quant, dora):
     """XLA's count for the real train step (tiny model) against the formula, part by part.
 
     What the step holds as arguments (4-bit weights, constants, frozen weights, LoRA, AdamW)
@@ -196,9 +197,14 @@ def test_compiled_step_holds_what_the_formula_says_and_donates_the_state(quant):
     temporaries (gradients, activations) are a lower bound: on the CPU backend the step also
     keeps f32 copies of bf16 operands (README, Memory), which dominate at this tiny size.
     """
-    lora, shape = LoraConfig(rank=4), StepShape(batch=2, seq_len=64)
+    lora, shape = LoraConfig(rank=4, dora=dora), StepShape(batch=2, seq_len=64)
     formula = training_memory(TINY, quant, lora, shape)
     compiled = compiled_memory(TINY, quant, lora, shape)
+    if dora:  # the magnitudes: one f32 per output feature of every adapted projection, with two AdamW moments
+        outs = TINY.num_hidden_layers * sum(o for o, _ in TINY.linear_shapes().values())
+        plain = training_memory(TINY, quant, LoraConfig(rank=4), shape)
+        assert formula["lora_params"] - plain["lora_params"] == 4 * outs
+        assert formula["optimizer_state"] - plain["optimizer_state"] == 8 * outs
     held = (formula["quantized_weights"] + formula["quant_constants"] + formula["unquantized_frozen"]
             + formula["lora_params"] + formula["optimizer_state"])
     batch_bytes = 3 * shape.batch * shape.seq_len * 4  # input_ids, attention_mask, labels: i32

@@ -113,6 +113,22 @@ def test_chat_masking_trains_exactly_the_assistant_replies(smollm2_dir):
         messages)
 
 
+def test_content_scoring_takes_every_message_and_no_template_or_system_prompt(smollm2_dir):
+    """SmolLM2's template adds a system prompt of its own; the content measure skips it and the markup."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    encoder = Encoder(tokenizer, DataConfig(format="chat", path="x", max_len=512))
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 42 apples."}]
+    example = encoder.content(messages)
+    assert "You are a helpful AI assistant" in tokenizer.apply_chat_template(messages)
+    scored = tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE],
+                              skip_special_tokens=False)
+    assert scored == "Hi thereHello! 42 apples."
+    assert example.messages == messages and encoder.chat(messages).messages == messages
+    short = Encoder(tokenizer, DataConfig(format="chat", path="x", max_len=20))
+    np.testing.assert_array_equal(short.content(messages).input_ids, short.chat(messages).input_ids)  # cut alike
+    assert len(short.content(messages).labels) == 20
+
+
 def test_alpaca_masks_the_prompt_and_truncates_like_qlora(smollm2_dir, tmp_path):
     tokenizer = load_tokenizer(smollm2_dir)
     config = DataConfig(format="alpaca", path="x", source_max_len=16, target_max_len=6)
@@ -201,7 +217,7 @@ def test_peft_adapter_from_pytorch_gives_peft_logits(tmp_path):
 
 def test_adapter_for_another_rank_is_refused(tmp_path):
     model = load_model(MODELS / "llama3_rope", quant="none", lora=LoraConfig(rank=8, targets=("q_proj",)))
-    with pytest.raises(ValueError, match=r"adapter has rank 4, alpha 8, rslora False on .*; the model expects"):
+    with pytest.raises(ValueError, match=r"rank 4, alpha 8, rslora False, dora False on .*; the model expects"):
         load_peft_adapter(model, MODELS / "llama3_rope_peft_adapter")
 
 
