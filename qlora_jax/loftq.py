@@ -13,6 +13,7 @@ alpha = r. Here both factors are divided by ``sqrt(scaling)``, so the adapted la
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from .config import QuantConfig
 from .quant import QuantizedTensor, dequantize, quantize
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def low_rank_fit(residual: jax.Array, rank: int, scaling: float) -> tuple[jax.Array, jax.Array]:
     """``residual: f32[out, in]`` -> (``a: f32[R, in]``, ``b: f32[out, R]``) with ``scaling * b @ a`` its best
     rank-R approximation (R = min(rank, out, in); fewer columns than ``rank`` are padded with zeros)."""
