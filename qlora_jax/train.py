@@ -272,9 +272,10 @@ def train(config: RunConfig, log=print) -> dict:
     checkpoints = Checkpoints(run_dir, config.train.keep_checkpoints)
     if primary:
         dump_run_config(config, run_dir / "config.yaml")
-        if loftq_base(config, run_dir):
-            write_bnb(model, model_dir, loftq_base(config, run_dir))
-            log(f"LoftQ base (quantized {config.lora.loftq_iters} times): {loftq_base(config, run_dir)}")
+        base_dir = loftq_base(config, run_dir)
+        if base_dir:
+            write_bnb(model, model_dir, base_dir)
+            log(f"LoftQ base (quantized {config.lora.loftq_iters} times): {base_dir}")
     chat_like = config.data.format in ("chitchat", "chat", "text")
     max_length = config.data.max_len if chat_like else config.data.source_max_len + config.data.target_max_len
     iterator = BatchIterator(dataset.train, config.train.batch_size, config.train.grad_accum, config.train.seed,
