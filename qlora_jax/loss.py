@@ -15,10 +15,33 @@ import optax
 from .data import IGNORE
 
 
+@jax.custom_vjp
+def _logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
+    """``hidden: [B, C, D]``, ``unembedding: [V, D]`` (same dtype) -> ``f32[B, C, V]``.
+
+    The output matrix is frozen: its cotangent is zero. The backward product takes the
+    logits' gradient in the compute dtype (as autocast does), so XLA multiplies in bf16
+    when computing in bf16 instead of converting the ``[V, D]`` matrix to f32 for it.
+    """
+    return jnp.einsum("vd,bcd->bcv", unembedding, hidden, preferred_element_type=jnp.float32)
+
+
+def _logits_forward(hidden, unembedding):
+    return _logits(hidden, unembedding), unembedding
+
+
+def _logits_backward(unembedding, grad):
+    grad_hidden = jnp.einsum("bcv,vd->bcd", grad.astype(unembedding.dtype), unembedding,
+                             preferred_element_type=jnp.float32)
+    return grad_hidden.astype(unembedding.dtype), None
+
+
+_logits.defvjp(_logits_forward, _logits_backward)
+
+
 def _chunk_loss(hidden: jax.Array, labels: jax.Array, unembedding: jax.Array) -> jax.Array:
     """``hidden: [B, C, D]``, ``labels: i32[B, C]``, ``unembedding: [V, D]`` -> summed f32 loss of the chunk."""
-    logits = jnp.einsum("bcd,vd->bcv", hidden, unembedding.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)  # f32[B, C, V]
+    logits = _logits(hidden, unembedding.astype(hidden.dtype))  # f32[B, C, V]
     mask = labels != IGNORE
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
     return jnp.sum(jnp.where(mask, losses, 0.0))

@@ -13,7 +13,6 @@ environment), all of them save the checkpoints together and process 0 writes the
 """
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from .checkpoint import LAYOUT, Checkpoints
 from .compile_cache import enable_compilation_cache
 from .config import QuantConfig, RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
-from .data import BatchIterator, DataError, eval_batches, load_dataset
+from .data import IGNORE, BatchIterator, DataError, eval_batches, load_dataset
 from .evaluate import mmlu
 from .export import write_bnb
 from .loading import load_model
@@ -59,8 +58,11 @@ def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int) -> tuple[j
 def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: str = "none", layout=None):
     """One optimizer step over ``[A, B, T]`` micro-batches; gradients only for the LoRA parameters.
 
-    A step whose loss, gradients or updated parameters are not finite is not applied: the
-    parameters and optimizer state come back unchanged and ``metrics["applied"]`` is False.
+    A step whose loss or gradient norm is not finite is not applied (``lax.cond``, so the
+    update is computed only when it is applied and can be written in place of the donated
+    state): the parameters and optimizer state come back unchanged and ``metrics["applied"]``
+    is False. A finite gradient norm bounds every squared gradient, so AdamW's update of
+    finite state is finite.
     ``offload`` (``OptimConfig.offload``): the optimizer state (and with ``host_with_params``
     the LoRA parameters) arrive in and return to pinned host memory; they visit the device
     only inside the step. ``donate`` reuses the device buffers of the inputs (never on CPU).
@@ -74,30 +76,39 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
             opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
         if offload_params:
             lora = jax.device_put(lora, jax.memory.Space.Device)
-        def micro(carry, inputs):
-            grad_sum, loss_sum, count_sum = carry
-            micro_batch, index = inputs
+        # Every micro-batch's loss is divided by the step's target count before differentiating,
+        # so the gradients come out as the mean: no second gradient-sized buffer for a division.
+        denominator = jnp.maximum(jnp.sum(batch["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
 
+        def gradients(micro_batch, index):
             def loss_fn(lora_params):
                 model = nnx.merge(graphdef, lora_params, frozen)
-                return token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk)
+                loss, count = token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk)
+                return loss / denominator, (loss, count)
 
-            (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, count_sum + count), None
+            (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+            return grads, loss, count
 
-        zeros = jax.tree.map(jnp.zeros_like, lora)
-        steps = batch["input_ids"].shape[0]
-        (grad_sum, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0), (batch, jnp.arange(steps)))
-        denominator = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
-        updates, new_opt_state = tx.update(grads, opt_state, lora)
-        new_lora = optax.apply_updates(lora, updates)
+        def micro(carry, inputs):
+            grads, loss, count = gradients(*inputs)
+            return jax.tree.map(jnp.add, carry, (grads, loss, count)), None
+
+        if batch["input_ids"].shape[0] == 1:  # no accumulator: the gradients exist only after the backward pass
+            grads, loss_sum, count = gradients(jax.tree.map(lambda x: x[0], batch), 0)
+        else:
+            zeros = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, loss_sum, count), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(batch["input_ids"].shape[0])))
         grad_norm = optax.tree.norm(grads)
-        applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_lora))
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(applied, new, old))
+        applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+        def update(lora, opt_state, grads):
+            updates, new_opt_state = tx.update(grads, opt_state, lora)
+            return optax.apply_updates(lora, updates), new_opt_state
+
+        new_lora, new_opt_state = jax.lax.cond(applied, update, lambda lora, opt_state, _: (lora, opt_state),
+                                               lora, opt_state, grads)
         metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
                    "applied": applied}
-        new_lora, new_opt_state = keep(new_lora, lora), keep(new_opt_state, opt_state)
         if layout is not None:
             new_lora, new_opt_state = jax.lax.with_sharding_constraint((new_lora, new_opt_state), layout)
         if offload != "none":

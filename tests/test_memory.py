@@ -64,6 +64,34 @@ def test_chunked_loss_equals_the_whole_sequence_loss():
     np.testing.assert_allclose(np.asarray(chunked_grad), np.asarray(whole_grad), rtol=1e-5, atol=1e-8)
 
 
+def test_bf16_loss_backward_multiplies_in_bf16_without_an_f32_copy_of_the_output_matrix():
+    """The logits' gradient meets the [V, D] matrix in bf16 (as autocast computes it): no f32 [V, D] array in
+    the compiled gradient, and the hidden-state gradient within bf16 rounding of the all-f32 one."""
+    key_h, key_w, key_l = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(key_h, (2, 64, 32)).astype(jnp.bfloat16)
+    unembedding = (jax.random.normal(key_w, (5000, 32)) * 0.1).astype(jnp.bfloat16)
+    labels = jax.random.randint(key_l, (2, 64), 0, 5000)
+
+    def grad(h, w):
+        return jax.grad(lambda h: token_loss(h, labels, w, 16)[0])(h)
+
+    hlo = jax.jit(grad).lower(hidden, unembedding).compile().as_text()
+    assert "f32[5000,32]" not in hlo and "bf16[5000,32]" in hlo
+    reference = grad(hidden.astype(jnp.float32), unembedding.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad(hidden, unembedding), np.float32), np.asarray(reference),
+                               rtol=0.02, atol=0.02 * float(jnp.abs(reference).max()))
+
+
+def test_the_update_is_written_in_place_of_the_donated_state():
+    """With activations negligible (r=1024, 8 tokens) the compiled step's temporaries are the gradients and
+    one more gradient-sized buffer: the update is computed only when applied (``lax.cond``) into the donated
+    parameters and moments. Selecting between old and new state afterwards kept three new copies (3.0x)."""
+    lora, shape = LoraConfig(rank=1024), StepShape(batch=1, seq_len=8, loss_chunk=0)
+    formula = training_memory(TINY, QuantConfig("nf4", 64, True), lora, shape)
+    compiled = compiled_memory(TINY, QuantConfig("nf4", 64, True), lora, shape)
+    assert compiled["temporaries"] < 2.1 * formula["lora_grads"]
+
+
 def test_chunked_loss_does_not_materialize_the_whole_logits():
     """Compiled memory of loss + gradient for B=2, T=512, V=32000: the f32 logits alone are 131 MB."""
     batch, tokens, dim, vocab = 2, 512, 64, 32000
