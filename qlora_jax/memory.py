@@ -53,6 +53,10 @@ class StepShape:
     flash_attention: bool = True
     """cuDNN flash attention: the [B, H, T, T] probabilities are not kept (``model.attention_implementation``
     decides, as the model does)."""
+    fused_dequant: bool = True
+    """The fused Pallas kernels (GPU) decode 4-bit tiles in registers. The XLA path (CPU, TPU;
+    ``qmatmul``) decodes each weight to the compute dtype before its product, and XLA decodes a
+    layer's weights as the layer starts: one layer's decoded weights are alive at once."""
     data: int = 1
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
@@ -61,6 +65,14 @@ class StepShape:
     @property
     def devices(self) -> int:
         return self.data * self.fsdp
+
+
+def for_platform(shape: StepShape, config: ModelConfig, platform: str) -> StepShape:
+    """``shape`` as it runs on ``platform`` (gpu, tpu, cpu): cuDNN attention by the model's rule
+    (``model.attention_implementation``), fused dequantization on a GPU only (``qmatmul``'s ``auto``)."""
+    dtype = jnp.float32 if shape.compute_bytes == 4 else jnp.bfloat16
+    attention = attention_implementation(platform, dtype, config.head_dim, shape.seq_len, shape.seq_len)
+    return dataclasses.replace(shape, flash_attention=attention == "cudnn", fused_dequant=platform == "gpu")
 
 
 def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: StepShape) -> dict[str, int]:
@@ -117,6 +129,8 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "lora_grads": lora_bytes,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
         "activations": saved + logits,
+        "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else shape.compute_bytes * sum(
+            out * inp for out, inp in config.linear_shapes().values()),
     }
     # Offloaded state visits the device for the update, after the activations are freed; XLA moves it
     # leaf by leaf (each adapter matrix with its two moments), so the transient is one leaf's worth.
@@ -175,12 +189,13 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
     held = (formula["quantized_weights"] + formula["quant_constants"] + formula["unquantized_frozen"]
             + formula["lora_params"] + formula["optimizer_state"])
     rows = [("arguments", parts["arguments"], held, "weights, constants, frozen, LoRA params, AdamW state"),
-            ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["activations"],
-             "LoRA grads + activations"),
+            ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["activations"]
+             + formula["decoded_layer"], "LoRA grads + activations + one decoded layer"),
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
-    lines = [f"compiled ({jax.default_backend()} backend, buffers donated as on an accelerator; formula beside it):"]
+    lines = [f"compiled ({jax.default_backend()} backend, buffers donated as on an accelerator; beside it the "
+             f"formula for this platform, {100 * (parts['peak'] / formula['total'] - 1):+.1f}% at the peak):"]
     for label, value, predicted, what in rows:
         beside = f"   formula {predicted / GIB:8.2f} GiB" if predicted is not None else " " * 25
         lines.append(f"  {label:<28} {value / GIB:8.2f} GiB{beside}   ({what})")
@@ -225,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-chunk", type=int, default=128, help="0: logits of the whole sequence at once")
     parser.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
                         help="where the step would run: attention is cuDNN's fused kernel on a GPU (bf16, head_dim "
-                             "a multiple of 8 up to 128), XLA elsewhere (model.attention_implementation)"),
+                             "a multiple of 8 up to 128), XLA elsewhere (model.attention_implementation); 4-bit "
+                             "weights are decoded inside the fused kernels on a GPU, a layer at a time elsewhere")
     parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
     parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
     parser.add_argument("--compiled", action="store_true",
@@ -238,13 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         quant = quant_config(args)
         lora = LoraConfig(rank=args.r, dora=args.dora)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
-                          flash_attention=attention_implementation(args.platform, jnp.bfloat16, config.head_dim,
-                                                                   args.seq_len, args.seq_len) == "cudnn",
                           data=args.data, fsdp=args.fsdp)
-        formula = training_memory(config, quant, lora, shape)
+        formula = training_memory(config, quant, lora, for_platform(shape, config, args.platform))
         print(format_report(args.model, formula, shape, lora, quant))
         if args.compiled:
-            print(format_compiled(compiled_memory(config, quant, lora, shape), formula))
+            here = for_platform(shape, config, jax.default_backend())
+            print(format_compiled(compiled_memory(config, quant, lora, here),
+                                  training_memory(config, quant, lora, here)))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,16 +6,20 @@ Sequence length 512, batch 1, LoRA r=64 on all linear layers, NF4 + double quant
 per-layer gradient checkpointing, chunked loss, with the optimizer state on the device
 or offloaded to host memory (``qlora_jax.memory``; activations are an estimate), and beside
 it XLA's count for the real train step compiled from abstract shapes on this backend
-(``qlora_jax.memory.compiled_memory``: arguments + temporaries + outputs - donated). A second
-table: LLaMA-65B per device on meshes of 8 devices, one sequence per device (formula only).
+(``qlora_jax.memory.compiled_memory``: arguments + temporaries + outputs - donated), next to
+the formula for this backend (on a CPU: XLA attention, and the XLA path's decoded weights of one
+layer). A second table: LLaMA-65B per device on meshes of 8 devices, one sequence per device
+(formula only).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from qlora_jax.config import LoraConfig, QuantConfig
-from qlora_jax.memory import GIB, PRESETS, StepShape, compiled_memory, training_memory
+from qlora_jax.memory import GIB, PRESETS, StepShape, compiled_memory, for_platform, training_memory
 
 PAPER = {  # QLoRA paper (Dettmers et al., 2023): the 4-bit base's size, and what fits
     "llama-7b": "4-bit base ~5 GB (Fig. 6)",
@@ -26,24 +30,29 @@ PAPER = {  # QLoRA paper (Dettmers et al., 2023): the 4-bit base's size, and wha
 
 
 def table() -> str:
-    lora, quant = LoraConfig(rank=64), QuantConfig("nf4", 64, True)
+    lora, quant, backend = LoraConfig(rank=64), QuantConfig("nf4", 64, True), jax.default_backend()
     lines = ["| model | 4-bit base + constants | bf16 embeddings/norms/head | LoRA params / grads | AdamW state | "
-             "activations (est.) | device total (formula) | **compiled peak** (XLA, this backend) | "
-             "with `optimizer.offload: host` (formula) | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"activations (est.) | device total (formula, GPU) | formula, {backend.upper()} | "
+             f"**compiled peak** (XLA, {backend.upper()}) | with `optimizer.offload: host` (formula, GPU) | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, note in PAPER.items():
-        plain = training_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512))
-        offloaded = training_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512, offload="host"))
+        config, shape = PRESETS[name], StepShape(batch=1, seq_len=512)
+        plain = training_memory(config, quant, lora, for_platform(shape, config, "gpu"))
+        offloaded = training_memory(config, quant, lora, for_platform(StepShape(1, 512, offload="host"), config,
+                                                                      "gpu"))
+        here = for_platform(shape, config, backend)
+        compiled = compiled_memory(config, quant, lora, here)
+        formula_here = training_memory(config, quant, lora, here)
         base = plain["quantized_weights"] + plain["quant_constants"]
-        compiled = compiled_memory(PRESETS[name], quant, lora, StepShape(batch=1, seq_len=512))
         print(f"{name}: compiled peak {compiled['peak'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
         lines.append(f"| {name} | {base / GIB:.2f} GiB | {plain['unquantized_frozen'] / GIB:.2f} GiB | "
                      f"{plain['lora_params'] / GIB:.2f} / {plain['lora_grads'] / GIB:.2f} GiB | "
                      f"{plain['optimizer_state'] / GIB:.2f} GiB | {plain['activations'] / GIB:.2f} GiB | "
-                     f"{plain['total'] / GIB:.1f} GiB | **{compiled['peak'] / GIB:.1f} GiB** | "
-                     f"{offloaded['total'] / GIB:.1f} GiB "
+                     f"{plain['total'] / GIB:.1f} GiB | {formula_here['total'] / GIB:.1f} GiB | "
+                     f"**{compiled['peak'] / GIB:.1f} GiB** | {offloaded['total'] / GIB:.1f} GiB "
                      f"(+{offloaded['host_optimizer_and_params'] / GIB:.1f} GiB host) | {note} |")
-    command = "`python scripts/memory_table.py` (seq 512, batch 1, r=64, NF4+DQ, layer checkpointing)"
+    command = ("`python scripts/memory_table.py` (seq 512, batch 1, r=64, NF4+DQ, layer checkpointing, loss chunk "
+               "128, bf16 compute)")
     return "\n".join(lines) + "\n\n" + command + "\n"
 
 
