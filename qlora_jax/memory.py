@@ -44,7 +44,7 @@ class StepShape:
     """What one training step processes, and how."""
 
     batch: int
-    """Sequences per step, all devices together (``train.batch_size``)."""
+    """Sequences per micro-batch, all devices together (``train.batch_size``)."""
     seq_len: int
     checkpointing: str = "layer"
     offload: str = "none"
@@ -61,6 +61,9 @@ class StepShape:
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
     """Mesh: devices that split the frozen weights."""
+    grad_accum: int = 1
+    """Micro-batches per step (``train.grad_accum``): above 1 the step sums the gradients in an f32
+    accumulator beside each micro-batch's own."""
 
     @property
     def devices(self) -> int:
@@ -127,6 +130,7 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "unquantized_frozen": weights["frozen_bytes"] // shape.fsdp,
         "lora_params": lora_bytes if shape.offload != "host_with_params" else 0,
         "lora_grads": lora_bytes,
+        "grad_accumulator": lora_bytes if shape.grad_accum > 1 else 0,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
         "activations": saved + logits,
         "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else shape.compute_bytes * sum(
@@ -173,7 +177,7 @@ def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     if shape.offload == "host_with_params":
         lora_state = on_host(lora_state)
     step = make_train_step(graphdef, tx, donate=True, loss_chunk=shape.loss_chunk, offload=shape.offload)
-    ids = jax.ShapeDtypeStruct((1, shape.batch, shape.seq_len), jnp.int32)
+    ids = jax.ShapeDtypeStruct((shape.grad_accum, shape.batch, shape.seq_len), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
     key = jax.eval_shape(lambda: jax.random.key(0))
     stats = step.lower(lora_state, opt_state, frozen, batch, key).compile().memory_analysis()
@@ -189,8 +193,9 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
     held = (formula["quantized_weights"] + formula["quant_constants"] + formula["unquantized_frozen"]
             + formula["lora_params"] + formula["optimizer_state"])
     rows = [("arguments", parts["arguments"], held, "weights, constants, frozen, LoRA params, AdamW state"),
-            ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["activations"]
-             + formula["decoded_layer"], "LoRA grads + activations + one decoded layer"),
+            ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["grad_accumulator"]
+             + formula["activations"] + formula["decoded_layer"],
+             "LoRA grads (+ accumulator) + activations + one decoded layer"),
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]
@@ -216,7 +221,8 @@ def resolve_model(name: str) -> ModelConfig:
 
 def format_report(name: str, parts: dict[str, int], shape: StepShape, lora: LoraConfig, quant: QuantConfig) -> str:
     mesh = f", mesh data {shape.data} x fsdp {shape.fsdp} (per device)" if shape.devices > 1 else ""
-    lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens{mesh}, {quant.quant_type}"
+    accum = f" x {shape.grad_accum} micro-batches" if shape.grad_accum > 1 else ""
+    lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens{accum}{mesh}, {quant.quant_type}"
              f"{'+dq' if quant.double_quant and quant.quantized else ''}, "
              f"{'DoRA' if lora.dora else 'LoRA'} r={lora.rank} on "
              f"{len(lora.targets)} projections, checkpointing {shape.checkpointing}, optimizer offload "
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_jax.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help=f"model directory or preset: {', '.join(PRESETS)}")
     parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (train.batch_size)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (train.grad_accum)")
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (all 7 projections)")
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output feature)")
     add_quant_args(parser)
@@ -248,13 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compile the real train step from abstract shapes and print XLA's memory analysis")
     args = parser.parse_args(argv)
     try:
-        if min(args.seq_len, args.batch, args.data, args.fsdp) < 1 or args.loss_chunk < 0:
-            raise ValueError("--seq-len, --batch, --data and --fsdp must be >= 1, --loss-chunk >= 0")
+        if min(args.seq_len, args.batch, args.grad_accum, args.data, args.fsdp) < 1 or args.loss_chunk < 0:
+            raise ValueError("--seq-len, --batch, --grad-accum, --data and --fsdp must be >= 1, --loss-chunk >= 0")
         config = resolve_model(args.model)
         quant = quant_config(args)
         lora = LoraConfig(rank=args.r, dora=args.dora)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
-                          data=args.data, fsdp=args.fsdp)
+                          data=args.data, fsdp=args.fsdp, grad_accum=args.grad_accum)
         formula = training_memory(config, quant, lora, for_platform(shape, config, args.platform))
         print(format_report(args.model, formula, shape, lora, quant))
         if args.compiled:

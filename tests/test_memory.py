@@ -268,6 +268,18 @@ def test_the_formula_is_within_10_percent_of_the_compiled_7b_step():
     assert compiled["peak"] < 7.1 * 2**30
 
 
+def test_gradient_accumulation_keeps_an_f32_accumulator_beside_the_gradients():
+    lora, quant = LoraConfig(rank=256), QuantConfig("nf4", 64, True)
+    one, two = (StepShape(batch=1, seq_len=8, loss_chunk=0, grad_accum=a) for a in (1, 2))
+    formula_one, formula_two = training_memory(TINY, quant, lora, one), training_memory(TINY, quant, lora, two)
+    assert formula_one["grad_accumulator"] == 0 and formula_two["grad_accumulator"] == formula_two["lora_grads"]
+    assert formula_two["total"] - formula_one["total"] == formula_two["lora_grads"]
+    compiled_one, compiled_two = compiled_memory(TINY, quant, lora, one), compiled_memory(TINY, quant, lora, two)
+    grown = compiled_two["temporaries"] - compiled_one["temporaries"]  # at this size XLA shares part of it
+    assert 0.4 * formula_two["lora_grads"] < grown < 1.5 * formula_two["lora_grads"]
+    assert compiled_two["arguments"] - compiled_one["arguments"] == 3 * 8 * 4  # one more micro-batch of ids
+
+
 def test_compiled_memory_refuses_a_mesh():
     with pytest.raises(ValueError, match=r"--compiled compiles the step for one device; drop --data/--fsdp"):
         compiled_memory(TINY, QuantConfig(), LoraConfig(rank=4), StepShape(batch=8, seq_len=64, data=8))
