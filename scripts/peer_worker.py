@@ -12,6 +12,12 @@ stdin, answers each with one JSON line:
   load + quantize seconds.
 - ``{"op": "train_step", "input_ids": [[...]]}``: one optimizer step (loss on every token);
   answers its seconds and loss.
+- ``{"op": "bnb_quantize", "shape": [N, K], "seed", "path"}``: a random N(0, 0.02) weight
+  quantized by bitsandbytes (NF4, blocksize 64, double quant), written to ``path`` (``.npz``:
+  the serialized state dict under ``w.weight...`` keys, and ``expected_f32``/``expected_bf16``,
+  bitsandbytes' dequantization as f32). Used by ``scripts/bench_dequant.py``.
+- ``{"op": "bnb_dequantize", "dtype": "f32"|"bf16", "count"}``: the seconds of ``count``
+  back-to-back ``dequantize_4bit`` calls on that weight.
 
 Torch runs on one thread (torch's two threads stall on a shared 2-core machine). Needs the
 oracle extra (torch, transformers, peft, bitsandbytes).
@@ -84,9 +90,36 @@ class QLoRA:
         return {"seconds": time.perf_counter() - start, "loss": float(loss)}
 
 
+class BnbWeight:
+    """One weight quantized by bitsandbytes, for ``bnb_quantize`` / ``bnb_dequantize``."""
+
+    DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+    def __init__(self, shape: list, seed: int, path: str):
+        import bitsandbytes.functional as bnbf
+        import numpy as np
+
+        self.dequantize = bnbf.dequantize_4bit
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+        self.packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        self.states = {}
+        for label, dtype in self.DTYPES.items():
+            self.states[label] = bnbf.QuantState.from_dict(state.as_dict(packed=True), device=torch.device("cpu"))
+            self.states[label].dtype = dtype
+        saved = {"w.weight": self.packed, **{f"w.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+        expected = {f"expected_{label}": self.dequantize(self.packed, s).float() for label, s in self.states.items()}
+        np.savez(path, **{k: v.numpy() for k, v in {**saved, **expected}.items()})
+
+    def time(self, label: str, count: int) -> dict:
+        start = time.perf_counter()
+        for _ in range(count):
+            self.dequantize(self.packed, self.states[label])
+        return {"seconds": time.perf_counter() - start}
+
+
 def main() -> None:
     torch.set_num_threads(1)
-    model_dir, models, qlora = sys.argv[1], {}, None
+    model_dir, models, qlora, bnb_weight = sys.argv[1], {}, None, None
     print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -95,6 +128,11 @@ def main() -> None:
                 models[request["variant"]] = load(model_dir, request["variant"])
             answer = decode(models[request["variant"]], request["batch"], request["prompt_len"],
                             request["new_tokens"], request["repeats"])
+        elif request["op"] == "bnb_quantize":
+            bnb_weight = BnbWeight(request["shape"], request["seed"], request["path"])
+            answer = {"ok": True}
+        elif request["op"] == "bnb_dequantize":
+            answer = bnb_weight.time(request["dtype"], request["count"])
         elif request["op"] == "load_qlora":
             qlora = QLoRA(model_dir, request["rank"], request["alpha"], request["dropout"], request["lr"])
             answer = {"seconds": qlora.load_seconds}
