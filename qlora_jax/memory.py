@@ -62,8 +62,9 @@ class StepShape:
     fsdp: int = 1
     """Mesh: devices that split the frozen weights."""
     grad_accum: int = 1
-    """Micro-batches per step (``train.grad_accum``): above 1 the step sums the gradients in an f32
-    accumulator beside each micro-batch's own."""
+    """Micro-batches per step (``train.grad_accum``). With ``layer`` checkpointing the backward pass
+    adds each micro-batch's gradients into the running sum in place (``layer_scan``); with the other
+    policies the sum is a second gradient-sized buffer beside each micro-batch's gradients."""
 
     @property
     def devices(self) -> int:
@@ -130,7 +131,7 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "unquantized_frozen": weights["frozen_bytes"] // shape.fsdp,
         "lora_params": lora_bytes if shape.offload != "host_with_params" else 0,
         "lora_grads": lora_bytes,
-        "grad_accumulator": lora_bytes if shape.grad_accum > 1 else 0,
+        "grad_accumulator": lora_bytes if shape.grad_accum > 1 and shape.checkpointing != "layer" else 0,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
         "activations": saved + logits,
         "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else shape.compute_bytes * sum(

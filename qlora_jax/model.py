@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import LoraConfig, ModelConfig, QuantConfig, RopeConfig
-from .lora import Frozen, QLoRALinear
+from .layer_scan import checkpointed_layers
+from .lora import Frozen, LoRAParam, QLoRALinear
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
@@ -197,7 +198,7 @@ def _write_slot(whole, part, index: int) -> jax.Array:
     return _write_into(whole, part, index)
 
 
-_REMAT_POLICIES = {
+_REMAT_POLICIES = {  # "layer" runs through layer_scan.checkpointed_layers
     "none": None, "layer": None,
     "layer_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # the same matmul outputs, kept in pinned host memory instead of device memory until the backward pass
@@ -250,10 +251,13 @@ class LlamaForCausalLM(nnx.Module):
                 targets[path].weight_meta = source.weight_meta
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-                      rngs: nnx.Rngs | None = None) -> jax.Array:
+                      rngs: nnx.Rngs | None = None, grad_accumulator: nnx.State | None = None) -> jax.Array:
         """``input_ids: i32[B, T]`` -> final normed hidden states ``[B, T, D]`` (compute dtype).
 
-        ``rngs`` with a ``dropout`` stream turns on LoRA dropout (training).
+        ``rngs`` with a ``dropout`` stream turns on LoRA dropout (training). ``grad_accumulator``
+        (``remat="layer"`` only): gradients shaped like the layers' adapters, to which the backward
+        pass adds theirs in place; the adapters' gradient then comes out as that sum
+        (``layer_scan.checkpointed_layers``).
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
@@ -263,16 +267,27 @@ class LlamaForCausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
         layers = self.config.num_hidden_layers
         keys = jax.random.split(rngs.dropout(), layers) if rngs is not None else jnp.zeros((layers,))
-        layer_def, stacked = nnx.split(self.layers)
+        layer_def, trained, frozen = nnx.split(self.layers, LoRAParam, ...)
+        dropout = rngs is not None
 
-        def body(x, inputs):  # one decoder layer, on its slice of the stored state
-            state, key = inputs
-            layer_rngs = nnx.Rngs(dropout=key) if rngs is not None else None
-            return nnx.merge(layer_def, state)(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0], None
+        def apply(x, trained, frozen, key, shared):  # one decoder layer, on its slice of the stored state
+            positions, attention_mask, inv_freq = shared
+            layer_rngs = nnx.Rngs(dropout=key) if dropout else None
+            return nnx.merge(layer_def, trained, frozen)(x, positions, attention_mask, inv_freq, rngs=layer_rngs)[0]
 
-        if self.remat != "none":  # the backward pass recomputes each layer instead of keeping its activations
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
-        x, _ = jax.lax.scan(body, x, (stacked, keys))
+        shared = (positions, attention_mask, inv_freq)
+        if self.remat == "layer":  # recomputes each layer from its input; can accumulate gradients in place
+            x = checkpointed_layers(apply, x, trained, frozen, keys, shared, grad_accumulator)
+        else:
+            if grad_accumulator is not None:
+                raise ValueError(f"grad_accumulator needs remat='layer', not {self.remat!r}")
+
+            def body(x, layer):
+                return apply(x, *layer, shared), None
+
+            if self.remat != "none":  # the policy's matmul outputs are kept (on the device or the host)
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+            x, _ = jax.lax.scan(body, x, (trained, frozen, keys))
         return self.norm(x).astype(self.compute_dtype)
 
     def unembedding(self) -> jax.Array:

@@ -34,7 +34,7 @@ from .checkpoint import LAYOUT, Checkpoints
 from .compile_cache import enable_compilation_cache
 from .config import QuantConfig, RunConfig
 from .config_io import ConfigError, dump_run_config, load_run_config, to_plain_dict
-from .data import IGNORE, BatchIterator, DataError, eval_batches, load_dataset
+from .data import BatchIterator, DataError, eval_batches, load_dataset
 from .evaluate import mmlu
 from .export import write_bnb
 from .loading import load_model
@@ -48,10 +48,16 @@ from .resume import check_resume
 from .tokenizer import load_tokenizer
 
 
-def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross entropy over target tokens of one micro-batch ``[B, T]``, and their count."""
+def token_loss_sums(model, batch: dict, dropout_key, loss_chunk: int, grad_accumulator=None) -> tuple[jax.Array,
+                                                                                                       jax.Array]:
+    """Summed next-token cross entropy over target tokens of one micro-batch ``[B, T]``, and their count.
+
+    ``grad_accumulator``: gradients shaped like the model's adapters, which the backward pass adds its own
+    to in place (``LlamaForCausalLM.hidden_states``)."""
     rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], rngs=rngs)[:, :-1]  # [B, T-1, D]
+    layers_sum = grad_accumulator["layers"] if grad_accumulator is not None else None
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], rngs=rngs,
+                                 grad_accumulator=layers_sum)[:, :-1]  # [B, T-1, D]
     return token_loss(hidden, batch["labels"][:, 1:], model.unembedding(), loss_chunk)
 
 
@@ -76,28 +82,35 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
             opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
         if offload_params:
             lora = jax.device_put(lora, jax.memory.Space.Device)
-        # Every micro-batch's loss is divided by the step's target count before differentiating,
-        # so the gradients come out as the mean: no second gradient-sized buffer for a division.
-        denominator = jnp.maximum(jnp.sum(batch["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
 
-        def gradients(micro_batch, index):
+        def gradients(micro_batch, index, grad_sum=None):
             def loss_fn(lora_params):
                 model = nnx.merge(graphdef, lora_params, frozen)
-                loss, count = token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk)
-                return loss / denominator, (loss, count)
+                return token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk, grad_sum)
 
-            (_, (loss, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+            (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
             return grads, loss, count
 
+        # With layer checkpointing (and every adapter in the decoder layers) the backward pass adds each
+        # micro-batch's gradients into the running sum in place; otherwise they are added afterwards.
+        in_place = nnx.merge(graphdef, lora, frozen).remat == "layer" and set(lora.keys()) == {"layers"}
+
         def micro(carry, inputs):
-            grads, loss, count = gradients(*inputs)
-            return jax.tree.map(jnp.add, carry, (grads, loss, count)), None
+            grad_sum, loss_sum, count_sum = carry
+            if in_place:
+                grad_sum, loss, count = gradients(*inputs, grad_sum)
+            else:
+                grads, loss, count = gradients(*inputs)
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss, count_sum + count), None
 
         if batch["input_ids"].shape[0] == 1:  # no accumulator: the gradients exist only after the backward pass
             grads, loss_sum, count = gradients(jax.tree.map(lambda x: x[0], batch), 0)
         else:
             zeros = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
             (grads, loss_sum, count), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(batch["input_ids"].shape[0])))
+        denominator = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
         grad_norm = optax.tree.norm(grads)
         applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
 

@@ -57,7 +57,7 @@ def table() -> str:
                      f"**{compiled['peak'] / GIB:.1f} GiB** | {offloaded['total'] / GIB:.1f} GiB "
                      f"(+{offloaded['host_optimizer_and_params'] / GIB:.1f} GiB host) | {note} |")
     command = ("`python scripts/memory_table.py` (seq 512, batch 1 unless stated, r=64, NF4+DQ, layer checkpointing, "
-               "loss chunk 128, bf16 compute; with 16 micro-batches the gradients include their f32 accumulator)")
+               "loss chunk 128, bf16 compute; 16 micro-batches add into one gradient buffer in place)")
     return "\n".join(lines) + "\n\n" + command + "\n"
 
 

@@ -288,3 +288,40 @@ def test_compiled_step_copies_no_activation_gradient_into_a_transposed_layout():
                                                             jax.random.key(0)).compile().as_text()
     moved = re.findall(r"= f32\[(\d+),4,32\]\{[\d,]+\} (?:transpose|copy)\(", text)
     assert moved and set(moved) == {"8"}, f"transposed [X, B, T] activations: {sorted(set(moved))}"
+
+
+@pytest.mark.parametrize("remat", ["layer", "none", "layer_save_dots"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(remat):
+    """Two micro-batches of 2 sequences, one optimizer step: the same update as one batch of 4. With layer
+    checkpointing the backward pass adds the second micro-batch's gradients into the first one's in
+    place (``layer_scan``); the other policies add them afterwards."""
+    import optax
+
+    from qlora_jax.config import ModelConfig, QuantConfig
+    from qlora_jax.loading import random_model
+    from qlora_jax.train import make_train_step
+
+    config = ModelConfig("llama", 128, 32, 64, 3, 4, 2, 8)
+    model = random_model(config, quant=QuantConfig("nf4"), lora=LoraConfig(rank=4, dropout=0.0),
+                         compute_dtype=jnp.float32, remat=remat)
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    lora = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(3), p.shape), lora)  # B != 0
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+    ids = jax.random.randint(jax.random.key(1), (4, 16), 0, 128)
+    labels = ids.at[:, :5].set(IGNORE).at[3].set(IGNORE)  # micro-batches with different target counts
+    step = make_train_step(graphdef, tx, donate=False)
+
+    def update(shape):
+        batch = {"input_ids": ids.reshape(shape), "attention_mask": jnp.ones(shape, jnp.int32),
+                 "labels": labels.reshape(shape)}
+        new_lora, _, metrics = step(lora, tx.init(lora), frozen, batch, jax.random.key(0))
+        return new_lora, metrics
+
+    (whole, whole_metrics), (micro, micro_metrics) = update((1, 4, 16)), update((2, 2, 16))
+    assert int(micro_metrics["target_tokens"]) == int(whole_metrics["target_tokens"]) == 3 * 11
+    np.testing.assert_allclose(float(micro_metrics["loss"]), float(whole_metrics["loss"]), rtol=1e-6)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(whole),
+                                                                           jax.tree.leaves(lora), strict=True)]
+    assert min(moved) > 0  # every adapter matrix has a gradient
+    for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

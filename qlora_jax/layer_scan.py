@@ -1,0 +1,82 @@
+"""The stacked decoder layers in a loop, with a backward pass that recomputes each layer and can
+add the adapters' gradients into an existing accumulator in place.
+
+``checkpointed_layers(apply, x, trained, frozen, per_layer, shared, accumulator)`` runs
+``x = apply(x, trained[i], frozen[i], per_layer[i], shared)`` for ``i = 0 .. L-1`` (every leaf of
+``trained``/``frozen``/``per_layer`` stacked ``[L, ...]``) and keeps only each layer's input for
+the backward pass, which recomputes one layer at a time from its input (``jax.vjp``): the
+``layer`` checkpointing policy, as ``jax.checkpoint`` around a ``lax.scan`` body gives it.
+
+Why its own backward pass: gradient accumulation. Autodiff returns each micro-batch's adapter
+gradients in a new buffer, which the step then adds to its running sum, so two gradient-sized
+buffers exist at once (at LLaMA-65B, r=64: 3 GiB each). Given ``accumulator`` (the running sum,
+stacked like ``trained``), the backward pass instead adds each layer's gradient into the
+accumulator's slot for that layer, and the gradient returned for ``trained`` *is* the updated
+sum, in the accumulator's buffer, as PyTorch accumulates into ``.grad``. Without an accumulator
+each layer's gradient is written into a buffer of its own, filled from the incoming gradient so
+that XLA cannot allocate it before the backward pass (a zero-fill depends on nothing, and XLA's
+CPU scheduler places such buffers before the forward pass). Gradients flow to ``x`` and
+``trained`` only (``frozen``, ``per_layer``, ``shared`` and ``accumulator`` get none).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _slot(tree, index):
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False), tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def checkpointed_layers(apply, x, trained, frozen, per_layer, shared, accumulator=None):
+    """``apply(x, trained_i, frozen_i, per_layer_i, shared) -> x`` over the stacked layers; the last ``x``."""
+    return _forward(apply, x, trained, frozen, per_layer, shared, accumulator)[0]
+
+
+def _forward(apply, x, trained, frozen, per_layer, shared, accumulator):
+    def body(x, layer):
+        return apply(x, *layer, shared), x  # the layer's input is all the backward pass keeps
+
+    x_out, inputs = jax.lax.scan(body, x, (trained, frozen, per_layer))  # inputs: [L, *x.shape]
+    return x_out, (inputs, trained, frozen, per_layer, shared, accumulator)
+
+
+def _backward(apply, residuals, grad_out):
+    inputs, trained, frozen, per_layer, shared, accumulator = residuals
+    layers = inputs.shape[0]
+
+    def layer_vjp(index, grad_x):  # (d input, d trained) of layer ``index``, recomputed from its input
+        frozen_i, per_layer_i = _slot(frozen, index), _slot(per_layer, index)
+        _, pullback = jax.vjp(lambda x, t: apply(x, t, frozen_i, per_layer_i, shared), inputs[index],
+                              _slot(trained, index))
+        return pullback(grad_x)
+
+    if accumulator is None:  # every slot is overwritten below; the fill only ties the buffer to the backward pass
+        fill = jnp.zeros((), jnp.float32) * grad_out.reshape(-1)[0].astype(jnp.float32)
+        grads = jax.tree.map(lambda t: jnp.full(t.shape, fill, t.dtype), trained)
+    else:
+        grads = accumulator
+
+    def step(carry, index):
+        grad_x, grads = carry
+        grad_x, grad_layer = layer_vjp(index, grad_x)
+        if accumulator is None:
+            grads = jax.tree.map(lambda buf, g: jax.lax.dynamic_update_index_in_dim(buf, g, index, 0), grads,
+                                 grad_layer)
+        else:
+            grads = _add_slot(grads, grad_layer, index)
+        return (grad_x, grads), None
+
+    (grad_x, grads), _ = jax.lax.scan(step, (grad_out, grads), jnp.arange(layers - 1, -1, -1))
+    return grad_x, grads, None, None, None, None
+
+
+def _add_slot(stacked, grad, index):
+    """``stacked`` with ``grad`` added to slot ``index`` (in place when ``stacked`` is not used after)."""
+    return jax.tree.map(lambda buf, g: jax.lax.dynamic_update_index_in_dim(
+        buf, jax.lax.dynamic_index_in_dim(buf, index, keepdims=False) + g, index, 0), stacked, grad)
+
+
+checkpointed_layers.defvjp(_forward, _backward)
