@@ -189,7 +189,7 @@ def compiled_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     return parts
 
 
-def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
+def format_compiled(parts: dict[str, int], formula: dict[str, int], offload: str = "none") -> str:
     """The compiled counts next to the formula's matching parts (GiB)."""
     held = (formula["quantized_weights"] + formula["quant_constants"] + formula["unquantized_frozen"]
             + formula["lora_params"] + formula["optimizer_state"])
@@ -208,6 +208,10 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int]) -> str:
     host = parts["host_arguments"] + parts["host_temporaries"] + parts["host_outputs"] - parts["host_aliased"]
     if host:
         lines.append(f"  {'host memory':<28} {host / GIB:8.2f} GiB   (offloaded state, not counted in peak)")
+    elif offload != "none":
+        lines.append(f"  note: the {jax.default_backend()} backend reports no host memory, so the offloaded state "
+                     "(and its copy back, which is not donated) is counted above as device memory; compare "
+                     "the formula, or compile on a GPU")
     return "\n".join(lines)
 
 
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compiled:
             here = for_platform(shape, config, jax.default_backend())
             print(format_compiled(compiled_memory(config, quant, lora, here),
-                                  training_memory(config, quant, lora, here)))
+                                  training_memory(config, quant, lora, here), args.offload))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from qlora_jax.inspect import memory_report
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import Frozen, LoRAParam, QuantState
 from qlora_jax.loss import token_loss
-from qlora_jax.memory import PRESETS, StepShape, compiled_memory, for_platform, main, training_memory
+from qlora_jax.memory import PRESETS, StepShape, compiled_memory, for_platform, format_compiled, main, training_memory
 from qlora_jax.train import make_train_step
 
 TINY = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -287,6 +287,16 @@ def test_gradient_accumulation_adds_in_place_with_layer_checkpointing(checkpoint
     else:  # at this size XLA shares part of it
         assert 0.4 * formula_two["lora_grads"] < grown < 1.5 * formula_two["lora_grads"]
     assert compiled_two["arguments"] - compiled_one["arguments"] == 3 * 8 * 4  # one more micro-batch of ids
+
+
+def test_compiled_report_says_when_the_backend_cannot_show_the_offload():
+    shape = StepShape(batch=1, seq_len=16, offload="host")
+    formula = training_memory(TINY, QuantConfig("nf4", 64, True), LoraConfig(rank=4), shape)
+    compiled = compiled_memory(TINY, QuantConfig("nf4", 64, True), LoraConfig(rank=4), shape)
+    assert compiled["host_arguments"] == 0  # the CPU backend: all memory is host memory
+    note = "reports no host memory, so the offloaded state"
+    assert note in format_compiled(compiled, formula, "host")
+    assert note not in format_compiled(compiled, formula, "none")
 
 
 def test_compiled_memory_refuses_a_mesh():
