@@ -12,11 +12,9 @@ gradients in a new buffer, which the step then adds to its running sum, so two g
 buffers exist at once (at LLaMA-65B, r=64: 3 GiB each). Given ``accumulator`` (the running sum,
 stacked like ``trained``), the backward pass instead adds each layer's gradient into the
 accumulator's slot for that layer, and the gradient returned for ``trained`` *is* the updated
-sum, in the accumulator's buffer, as PyTorch accumulates into ``.grad``. Without an accumulator
-each layer's gradient is written into a buffer of its own, filled from the incoming gradient so
-that XLA cannot allocate it before the backward pass (a zero-fill depends on nothing, and XLA's
-CPU scheduler places such buffers before the forward pass). Gradients flow to ``x`` and
-``trained`` only (``frozen``, ``per_layer``, ``shared`` and ``accumulator`` get none).
+sum, in the accumulator's buffer, as PyTorch accumulates into ``.grad``; without one the sum
+starts from zeros. Gradients flow to ``x`` and ``trained`` only (``frozen``, ``per_layer``,
+``shared`` and ``accumulator`` get none).
 """
 
 import functools
@@ -53,30 +51,16 @@ def _backward(apply, residuals, grad_out):
                               _slot(trained, index))
         return pullback(grad_x)
 
-    if accumulator is None:  # every slot is overwritten below; the fill only ties the buffer to the backward pass
-        fill = jnp.zeros((), jnp.float32) * grad_out.reshape(-1)[0].astype(jnp.float32)
-        grads = jax.tree.map(lambda t: jnp.full(t.shape, fill, t.dtype), trained)
-    else:
-        grads = accumulator
-
     def step(carry, index):
         grad_x, grads = carry
         grad_x, grad_layer = layer_vjp(index, grad_x)
-        if accumulator is None:
-            grads = jax.tree.map(lambda buf, g: jax.lax.dynamic_update_index_in_dim(buf, g, index, 0), grads,
-                                 grad_layer)
-        else:
-            grads = _add_slot(grads, grad_layer, index)
+        grads = jax.tree.map(lambda buf, g: jax.lax.dynamic_update_index_in_dim(  # in place: buf is not used after
+            buf, jax.lax.dynamic_index_in_dim(buf, index, keepdims=False) + g, index, 0), grads, grad_layer)
         return (grad_x, grads), None
 
-    (grad_x, grads), _ = jax.lax.scan(step, (grad_out, grads), jnp.arange(layers - 1, -1, -1))
+    start = jax.tree.map(jnp.zeros_like, trained) if accumulator is None else accumulator
+    (grad_x, grads), _ = jax.lax.scan(step, (grad_out, start), jnp.arange(layers - 1, -1, -1))
     return grad_x, grads, None, None, None, None
-
-
-def _add_slot(stacked, grad, index):
-    """``stacked`` with ``grad`` added to slot ``index`` (in place when ``stacked`` is not used after)."""
-    return jax.tree.map(lambda buf, g: jax.lax.dynamic_update_index_in_dim(
-        buf, jax.lax.dynamic_index_in_dim(buf, index, keepdims=False) + g, index, 0), stacked, grad)
 
 
 checkpointed_layers.defvjp(_forward, _backward)

@@ -23,7 +23,7 @@ def _logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
     logits' gradient in the compute dtype (as autocast does), so XLA multiplies in bf16
     when computing in bf16 instead of converting the ``[V, D]`` matrix to f32 for it.
     """
-    return jnp.einsum("vd,bcd->bcv", unembedding, hidden, preferred_element_type=jnp.float32)
+    return jnp.einsum("bcd,vd->bcv", hidden, unembedding, preferred_element_type=jnp.float32)
 
 
 def _logits_forward(hidden, unembedding):

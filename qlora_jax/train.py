@@ -83,7 +83,7 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
         if offload_params:
             lora = jax.device_put(lora, jax.memory.Space.Device)
 
-        def gradients(micro_batch, index, grad_sum=None):
+        def gradients(micro_batch, index, grad_sum):
             def loss_fn(lora_params):
                 model = nnx.merge(graphdef, lora_params, frozen)
                 return token_loss_sums(model, micro_batch, jax.random.fold_in(key, index), loss_chunk, grad_sum)
@@ -100,15 +100,12 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
             if in_place:
                 grad_sum, loss, count = gradients(*inputs, grad_sum)
             else:
-                grads, loss, count = gradients(*inputs)
+                grads, loss, count = gradients(*inputs, None)
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (grad_sum, loss_sum + loss, count_sum + count), None
 
-        if batch["input_ids"].shape[0] == 1:  # no accumulator: the gradients exist only after the backward pass
-            grads, loss_sum, count = gradients(jax.tree.map(lambda x: x[0], batch), 0)
-        else:
-            zeros = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-            (grads, loss_sum, count), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(batch["input_ids"].shape[0])))
+        zeros = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(batch["input_ids"].shape[0])))
         denominator = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         grad_norm = optax.tree.norm(grads)
