@@ -73,9 +73,9 @@ def _tiled_forward(x: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Arra
 
     def tile(args):
         tile_packed, tile_absmax = args
-        codes = blockwise.unpack_nibbles(tile_packed, rows * k)
-        w = blockwise.dequantize_4bit_codes(codes, tile_absmax, weight.blocksize, weight.quant_type)
-        return jnp.einsum("mk,nk->mn", x, w.reshape(rows, k).astype(x.dtype),
+        blocks = tile_packed.reshape(-1, weight.blocksize // 2)
+        w = blockwise.decode_blocks(blocks, tile_absmax, weight.quant_type, x.dtype)
+        return jnp.einsum("mk,nk->mn", x, w.reshape(rows, k),
                           preferred_element_type=jnp.float32).astype(x.dtype)  # [M, rows]
 
     out = jax.lax.map(tile, (packed, absmax))  # [tiles, M, rows]

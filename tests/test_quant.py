@@ -61,7 +61,7 @@ def test_quantize_matches_bnb_bytes(bnb_quant, case):
     np.testing.assert_array_equal(np.asarray(values), bnb_quant[f"{key}/dequant_float32"])
     for dtype in ("bfloat16", "float16"):
         if f"{key}/dequant_{dtype}" in bnb_quant:
-            got = np.asarray(values.astype(dtype).astype(jnp.float32))
+            got = np.asarray(dequantize(q, dtype).astype(jnp.float32))
             np.testing.assert_array_equal(got, bnb_quant[f"{key}/dequant_{dtype}"].astype(np.float32))
 
 

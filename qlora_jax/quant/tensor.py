@@ -135,6 +135,9 @@ def dequantize(q: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize(q: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
+    if q.numel % q.blocksize == 0:  # whole blocks: every linear weight of a model
+        packed = q.packed.reshape(q.num_blocks, q.blocksize // 2)
+        return blockwise.decode_blocks(packed, q.absmax_f32(), q.quant_type, dtype).reshape(q.shape)
     codes = blockwise.unpack_nibbles(q.packed, q.numel)
     values = blockwise.dequantize_4bit_codes(codes, q.absmax_f32(), q.blocksize, q.quant_type)
     return values.reshape(q.shape).astype(dtype)
