@@ -283,7 +283,8 @@ class ModelSource:
     """Branch, tag or commit of a cached repo id (default: the cache's ``main``)."""
     compute_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Activation dtype; auto: bfloat16 (on a CPU as well: as accurate and faster there, README), except for
-    generation and evaluation on a CPU, where float32 decodes faster (``model_source.compute_dtype``)."""
+    generation and evaluation from an unquantized base on a CPU, where float32 decodes faster
+    (``model_source.compute_dtype``)."""
     adapter: str | None = None
     """A PEFT LoRA adapter directory (ours or PyTorch PEFT's) to start from instead of a fresh init; its rank,
     alpha and targets must equal the lora section's."""

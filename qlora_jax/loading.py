@@ -205,7 +205,7 @@ def load_for_inference(source: str | Path, adapter_dir: str | Path | None = None
     model_dir = resolve_model_dir(source, revision)
     adapter_dir = Path(adapter_dir) if adapter_dir else None
     lora = read_adapter_config(adapter_dir) if adapter_dir else None
-    dtype = resolve_compute_dtype(compute_dtype, training=False)
+    dtype = resolve_compute_dtype(compute_dtype, training=False, quantized=quant.quantized)
     model = load_model(model_dir, quant=quant, lora=lora, compute_dtype=dtype)
     if adapter_dir:
         load_peft_adapter(model, adapter_dir)

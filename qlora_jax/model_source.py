@@ -75,14 +75,17 @@ def source_name(source: str, directory: Path) -> str:
         else str(directory.absolute())
 
 
-def compute_dtype(name: str, training: bool = True) -> jnp.dtype:
-    """The named dtype, or for ``auto``: bfloat16, except float32 for inference on a CPU.
+def compute_dtype(name: str, training: bool = True, quantized: bool = True) -> jnp.dtype:
+    """The named dtype, or for ``auto``: bfloat16, except float32 for inference with an unquantized base on a CPU.
 
     Measured on the 2-core CPU (README, "Against the PyTorch stack"): the default fine-tune
-    reaches the same held-out loss in bf16 (3.6839 vs 3.6831) in less time, and a QLoRA step
-    with per-layer checkpointing is faster still; decoding, though, is faster in f32 there
-    (``scripts/bench_decode.py --compute-dtype``), since XLA's CPU backend widens bf16 products.
+    reaches the same held-out loss in bf16 (3.6878 vs 3.6831) in less time, and a QLoRA step
+    is faster in bf16; so is generation from a 4-bit base, whose 16-bit decode packs two values
+    per word (``scripts/bench_decode.py --compute-dtype``: SmolLM2 NF4, batch 1, 18 vs 14
+    tokens/s). A 16-bit base decodes faster in f32 there (33 vs 23 tokens/s), since XLA's CPU
+    backend widens bf16 products.
     """
     if name == "auto":
-        return jnp.dtype(jnp.float32 if not training and jax.default_backend() == "cpu" else jnp.bfloat16)
+        f32 = not training and not quantized and jax.default_backend() == "cpu"
+        return jnp.dtype(jnp.float32 if f32 else jnp.bfloat16)
     return jnp.dtype(name)

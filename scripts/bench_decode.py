@@ -111,7 +111,7 @@ def main() -> int:
     on_gpu = jax.default_backend() == "gpu"
     parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS), default="tinyllama-1.1b")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
-                        help="default: bfloat16 on GPU, float32 on CPU (what generate uses there)")
+                        help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama.cpp (llama-cpp-python, 2 threads) on the wheel's Q4_1 GGUF, batch 1")
     parser.add_argument("--peer", action="store_true",

@@ -27,7 +27,7 @@ def main() -> None:
     config = load_run_config(args.run / "config.yaml")
     model_dir = resolve_model_dir(config.model.path, config.model.revision)
     q = config.quant
-    dtype = compute_dtype(config.model.compute_dtype, training=False)
+    dtype = compute_dtype(config.model.compute_dtype, training=False, quantized=q.quantized)
     model = load_model(model_dir, quant=q, lora=config.lora, compute_dtype=dtype)
     tokenizer = load_tokenizer(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -35,7 +35,8 @@ def main() -> None:
     before = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)  # lora_b = 0: the base
     load_peft_adapter(model, args.run / "adapter")
     after = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)
-    print(f"Greedy, {args.max_new_tokens} new tokens at most, {q.quant_type} base ({model_dir.name}).\n")
+    print(f"Greedy, {args.max_new_tokens} new tokens at most, {q.quant_type} base ({model_dir.name}), {dtype.name} "
+          "compute.\n")
     print("| prompt | base model | after fine-tuning |\n|---|---|---|")
     for prompt, b, a in zip(PROMPTS, before, after, strict=True):
         print(f"| {prompt} | {json.dumps(b)[1:-1]} | {json.dumps(a)[1:-1]} |")

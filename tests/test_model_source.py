@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import huggingface_hub.constants
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qlora_jax.cli import model_source
 from qlora_jax.loading import load_for_inference, load_model
-from qlora_jax.model_source import adapter_base_model, resolve_model_dir
+from qlora_jax.model_source import adapter_base_model, compute_dtype, resolve_model_dir
 from qlora_jax.safetensors_io import load_file, save_file
 
 TINY = Path(__file__).resolve().parent / "fixtures" / "models" / "llama3_rope"
@@ -67,6 +69,17 @@ def hub_cache(tmp_path, tiny_chat_model, monkeypatch):
     (repo / "refs" / "v1").write_text(TAGGED)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+def test_auto_compute_dtype_is_bf16_but_for_a_16_bit_base_generating_on_a_cpu():
+    """README, "Against the PyTorch stack": bf16 trains faster everywhere and decodes faster from a 4-bit base
+    on a CPU (two 16-bit values per decoded word); a 16-bit base decodes faster in f32 there."""
+    assert compute_dtype("auto") == jnp.bfloat16
+    assert compute_dtype("auto", training=False, quantized=True) == jnp.bfloat16
+    on_cpu = jax.default_backend() == "cpu"
+    assert compute_dtype("auto", training=False, quantized=False) == (jnp.float32 if on_cpu else jnp.bfloat16)
+    assert compute_dtype("float32", training=True) == jnp.float32
+    assert compute_dtype("bfloat16", training=False, quantized=False) == jnp.bfloat16
 
 
 def test_repo_id_resolves_to_the_cached_snapshot_and_its_symlinked_shards_load(hub_cache, tiny_chat_model):
