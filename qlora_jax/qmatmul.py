@@ -5,8 +5,8 @@ residual for the backward pass: the backward pass computes ``dx = dy @ dequant(W
 from the packed weight again. Two implementations of both products:
 
 - ``xla``: dequantize the whole weight to the compute dtype, then one dot
-  (``pallas_kernels.nf4_matmul_reference``; the test oracle). With few rows (decoding),
-  the forward product instead dequantizes ``ROW_TILE`` output rows at a time and
+  (``pallas_kernels.nf4_matmul_reference``; the test oracle). With few rows (decoding) and a
+  weight above ``TILE_ELEMENTS``, the forward product instead dequantizes ``ROW_TILE`` output rows at a time and
   multiplies each tile while it is still in cache (``_tiled_forward``): a matrix-vector
   product then reads the weight once instead of writing and re-reading it in f32.
 - ``pallas``: the fused kernels of ``pallas_kernels.nf4_matmul``, which read the
@@ -54,13 +54,18 @@ def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype, kerne
 
 
 ROW_TILE = 256  # most output rows dequantized at once: 256 x 4096 f32 (4 MiB) still sits in a CPU's L2/L3
+TILE_ELEMENTS = ROW_TILE * 4096  # a weight this small decodes whole: one dot beats a loop of tiles
 SMALL_M = 32  # rows of x up to which the tiled forward is faster (decoding); beyond, the one big dot wins
 
 
 def tile_rows(weight: QuantizedTensor) -> int | None:
     """Rows per tile for ``weight``: the largest divisor of N up to ``ROW_TILE`` whose tiles hold whole quant
-    blocks (a multiple of 8 rows); None when no tiling applies (one tile would be the whole weight)."""
+    blocks (a multiple of 8 rows); None when no tiling applies: the weight has at most ``TILE_ELEMENTS``
+    elements (SmolLM2's: decoding whole, then one dot, decodes 1.3-1.5x more tokens/s there,
+    ``scripts/bench_decode.py``), or one tile would be the whole weight."""
     n, k = weight.shape
+    if n * k <= TILE_ELEMENTS:
+        return None
     return next((r for r in range(min(ROW_TILE, n // 2), 7, -1)
                  if n % r == 0 and r % 8 == 0 and (r * k) % weight.blocksize == 0), None)
 

@@ -182,10 +182,11 @@ def test_kernel_input_errors():
 
 
 @pytest.mark.parametrize("m,n,k,quant_type,blocksize,double_quant", [
-    (1, 1536, 576, "nf4", 64, True), (8, 576, 1536, "fp4", 128, False), (32, 192, 64, "int4", 64, True),
-    (33, 512, 256, "nf4", 64, True), (1, 100, 64, "nf4", 64, True)])
+    (1, 2048, 1024, "nf4", 64, True), (8, 1024, 2048, "fp4", 128, False), (32, 4104, 512, "int4", 64, True),
+    (33, 2048, 1024, "nf4", 64, True), (1, 1536, 576, "nf4", 64, True), (1, 1100, 1024, "nf4", 64, True)])
 def test_xla_tiled_decode_product_matches_the_reference(m, n, k, quant_type, blocksize, double_quant):
-    """Few rows (decoding) take the tiled XLA forward where N splits into tiles; the rest the reference."""
+    """Few rows (decoding) of a weight above ``TILE_ELEMENTS`` take the tiled XLA forward where N splits into
+    tiles; the rest (more rows, SmolLM2-sized weights, no divisor) the reference."""
     from qlora_jax.qmatmul import SMALL_M, _xla_forward, tile_rows
 
     weight = quantize((jax.random.normal(jax.random.key(0), (n, k)) * 0.02).astype(jnp.bfloat16), blocksize=blocksize,
@@ -193,7 +194,7 @@ def test_xla_tiled_decode_product_matches_the_reference(m, n, k, quant_type, blo
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
     rows = tile_rows(weight)
     tiled = m <= SMALL_M and rows is not None
-    assert tiled == ((m, n) in ((1, 1536), (8, 576), (32, 192)))
+    assert tiled == ((m, n) in ((1, 2048), (8, 1024), (32, 4104)))
     if tiled:
         assert n % rows == 0 and rows < n and rows % 8 == 0 and (rows * k) % blocksize == 0
     ours, reference = np.asarray(_xla_forward(x, weight)), np.asarray(nf4_matmul_reference(x, weight))
