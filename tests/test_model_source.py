@@ -72,8 +72,9 @@ def hub_cache(tmp_path, tiny_chat_model, monkeypatch):
 
 
 def test_auto_compute_dtype_is_bf16_but_for_a_16_bit_base_generating_on_a_cpu():
-    """README, "Against the PyTorch stack": bf16 trains faster everywhere and decodes faster from a 4-bit base
-    on a CPU (two 16-bit values per decoded word); a 16-bit base decodes faster in f32 there."""
+    """README, "Against the PyTorch stack": bf16 trains faster everywhere and, from a 4-bit base on a CPU, reads
+    prompts faster and decodes as fast (two 16-bit values per decoded word); a 16-bit base decodes faster in f32
+    there."""
     assert compute_dtype("auto") == jnp.bfloat16
     assert compute_dtype("auto", training=False, quantized=True) == jnp.bfloat16
     on_cpu = jax.default_backend() == "cpu"
