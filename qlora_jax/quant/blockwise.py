@@ -94,14 +94,6 @@ def quantize_4bit_codes(x: jnp.ndarray, blocksize: int, quant_type: str) -> tupl
     return codes, absmax
 
 
-def dequantize_4bit_codes(codes: jnp.ndarray, absmax: jnp.ndarray, blocksize: int, quant_type: str) -> jnp.ndarray:
-    """``codes: u8[n]``, ``absmax: f32[N]`` -> ``f32[n]``: ``table[code] * absmax[block]`` in f32."""
-    n = codes.shape[0]
-    # mode="clip": every code is in range, so the gather needs no out-of-bounds fill (20% faster on the CPU)
-    values = jnp.take(jnp.asarray(codebook(quant_type)), codes.astype(jnp.int32), mode="clip")
-    return scale_blocks(values, absmax, blocksize)[:n]
-
-
 def scale_blocks(values: jnp.ndarray, absmax: jnp.ndarray, blocksize: int) -> jnp.ndarray:
     """``values: f32[n]`` times the absmax of each one's block, ``-> f32[N * blocksize]`` (zero-padded past n).
 
@@ -132,7 +124,8 @@ def unpack_nibbles(packed: jnp.ndarray, numel: int) -> jnp.ndarray:
 
 def decode_blocks(packed: jnp.ndarray, absmax: jnp.ndarray, quant_type: str, dtype) -> jnp.ndarray:
     """Whole blocks of 4-bit codes to values: ``packed: u8[N, b/2]`` (one row per block), ``absmax: f32[N]``
-    -> ``dtype[N, b]``, ``table[code] * absmax`` in f32, then cast (the same values as ``dequantize_4bit_codes``).
+    -> ``dtype[N, b]``, ``table[code] * absmax`` in f32, then cast (bitsandbytes' ``dequantize_4bit``).
+    Lookups use ``mode="clip"``: every code is in range, so the gather needs no out-of-bounds fill.
 
     Formulated for XLA's CPU backend, where the obvious form (decode the high and the low nibbles,
     then interleave them with stack + reshape) runs 2-3x slower than the lookups themselves

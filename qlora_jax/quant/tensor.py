@@ -135,9 +135,7 @@ def dequantize(q: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize(q: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
-    if q.numel % q.blocksize == 0:  # whole blocks: every linear weight of a model
-        packed = q.packed.reshape(q.num_blocks, q.blocksize // 2)
-        return blockwise.decode_blocks(packed, q.absmax_f32(), q.quant_type, dtype).reshape(q.shape)
-    codes = blockwise.unpack_nibbles(q.packed, q.numel)
-    values = blockwise.dequantize_4bit_codes(codes, q.absmax_f32(), q.blocksize, q.quant_type)
-    return values.reshape(q.shape).astype(dtype)
+    padding = q.num_blocks * q.blocksize // 2 - q.packed.shape[0]  # a partial last block decodes padded, then cut
+    packed = jnp.pad(q.packed, (0, padding)) if padding else q.packed
+    values = blockwise.decode_blocks(packed.reshape(q.num_blocks, -1), q.absmax_f32(), q.quant_type, dtype)
+    return values.reshape(-1)[:q.numel].reshape(q.shape)
