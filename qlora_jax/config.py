@@ -403,7 +403,9 @@ class OptimConfig:
                                              optax.constant_schedule(self.lr)], [self.warmup_steps])
         else:
             schedule = optax.constant_schedule(self.lr)
-        parts = [optax.clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm else []
+        from .clip import clip_by_global_norm
+
+        parts = [clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm else []
         parts.append(optax.adamw(schedule, b1=self.beta1, b2=self.beta2, eps=self.eps,
                                  weight_decay=self.weight_decay))
         return optax.chain(*parts), schedule
