@@ -24,6 +24,7 @@ from .loading import read_config
 from .lora import LoRAParam
 from .model import LlamaForCausalLM, attention_implementation
 from .model_source import is_repo_id, resolve_model_dir
+from .qmatmul import tile_rows
 from .train import make_train_step
 
 GIB = 1024 ** 3
@@ -55,8 +56,9 @@ class StepShape:
     decides, as the model does)."""
     fused_dequant: bool = True
     """The fused Pallas kernels (GPU) decode 4-bit tiles in registers. The XLA path (CPU, TPU;
-    ``qmatmul``) decodes each weight to the compute dtype before its product, and XLA decodes a
-    layer's weights as the layer starts: one layer's decoded weights are alive at once."""
+    ``qmatmul``) decodes each weight to the compute dtype before its product, whole or a tile of
+    rows at a time (``decoded_bytes``), and XLA decodes a layer's weights as the layer starts: one
+    layer's decoded weights (or tiles) are alive at once."""
     data: int = 1
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
@@ -94,6 +96,16 @@ def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: 
     scores = shape.batch * h * shape.seq_len * (4 if shape.flash_attention else shape.seq_len * (4 + b))
     dots = n * b * ((h + 2 * g) * k + d + 2 * f + d + r + outs)
     return {"all": kept + scores, "dots": dots, "input": n * b * d}
+
+
+def decoded_bytes(out: int, inp: int, blocksize: int, tokens: int, compute_bytes: int) -> int:
+    """Bytes the XLA path holds decoded for the products of one ``[out, inp]`` 4-bit weight with ``tokens``
+    rows: the whole weight in the compute dtype, or where ``qmatmul.tile_rows`` tiles it one tile and the
+    backward product's f32 ``[tokens, inp]`` sum."""
+    rows = tile_rows(out, inp, blocksize, tokens, compute_bytes)
+    if rows is None:
+        return out * inp * compute_bytes
+    return rows * inp * compute_bytes + tokens * inp * 4
 
 
 def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, shape: StepShape) -> dict[str, int]:
@@ -134,8 +146,9 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "grad_accumulator": lora_bytes if shape.grad_accum > 1 and shape.checkpointing != "layer" else 0,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
         "activations": saved + logits,
-        "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else shape.compute_bytes * sum(
-            out * inp for out, inp in config.linear_shapes().values()),
+        "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else sum(
+            decoded_bytes(out, inp, quant.blocksize, device_batch * shape.seq_len, shape.compute_bytes)
+            for out, inp in config.linear_shapes().values()),
     }
     # Offloaded state visits the device for the update, after the activations are freed; XLA moves it
     # leaf by leaf (each adapter matrix with its two moments), so the transient is one leaf's worth.
@@ -196,7 +209,7 @@ def format_compiled(parts: dict[str, int], formula: dict[str, int], offload: str
     rows = [("arguments", parts["arguments"], held, "weights, constants, frozen, LoRA params, AdamW state"),
             ("temporaries", parts["temporaries"], formula["lora_grads"] + formula["grad_accumulator"]
              + formula["activations"] + formula["decoded_layer"],
-             "LoRA grads (+ accumulator) + activations + one decoded layer"),
+             "LoRA grads (+ accumulator) + activations + one decoded layer or its tiles"),
             ("outputs", parts["outputs"], None, "updated LoRA params and AdamW state, metrics"),
             ("aliased (donated)", parts["aliased"], None, "outputs written into donated inputs"),
             ("peak", parts["peak"], formula["total"], "arguments + temporaries + outputs - aliased")]

@@ -5,10 +5,12 @@ residual for the backward pass: the backward pass computes ``dx = dy @ dequant(W
 from the packed weight again. Two implementations of both products:
 
 - ``xla``: dequantize the whole weight to the compute dtype, then one dot
-  (``pallas_kernels.nf4_matmul_reference``; the test oracle). With few rows (decoding) and a
-  weight above ``TILE_ELEMENTS``, the forward product instead dequantizes ``ROW_TILE`` output rows at a time and
-  multiplies each tile while it is still in cache (``_tiled_forward``): a matrix-vector
-  product then reads the weight once instead of writing and re-reading it in f32.
+  (``pallas_kernels.nf4_matmul_reference``; the test oracle). For a weight above ``TILE_ELEMENTS``
+  both products instead dequantize up to ``ROW_TILE`` output rows at a time and multiply each
+  tile while it is still in cache (``_tiled_forward``, ``_tiled_backward``, where ``tile_rows``
+  allows): the decoded weight never exists whole, so a training step holds one tile per
+  product instead of a layer's decoded weights (``python -m qlora_jax.memory --compiled``),
+  and a matrix-vector product reads the weight once instead of writing and re-reading it.
 - ``pallas``: the fused kernels of ``pallas_kernels.nf4_matmul``, which read the
   packed codes and dequantize tiles in registers. Compiled through Triton on GPU;
   on CPU they run in Pallas' interpreter (tests only: slow).
@@ -55,47 +57,85 @@ def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype, kerne
 
 ROW_TILE = 256  # most output rows dequantized at once: 256 x 4096 f32 (4 MiB) still sits in a CPU's L2/L3
 TILE_ELEMENTS = ROW_TILE * 4096  # a weight this small decodes whole: one dot beats a loop of tiles
-SMALL_M = 32  # rows of x up to which the tiled forward is faster (decoding); beyond, the one big dot wins
 
 
-def tile_rows(weight: QuantizedTensor) -> int | None:
-    """Rows per tile for ``weight``: the largest divisor of N up to ``ROW_TILE`` whose tiles hold whole quant
-    blocks (a multiple of 8 rows); None when no tiling applies: the weight has at most ``TILE_ELEMENTS``
-    elements (SmolLM2's: decoding whole, then one dot, decodes 1.3-1.5x more tokens/s there,
-    ``scripts/bench_decode.py``), or one tile would be the whole weight."""
-    n, k = weight.shape
-    if n * k <= TILE_ELEMENTS:
+def tile_rows(n: int, k: int, blocksize: int, m: int, itemsize: int) -> int | None:
+    """Rows per tile for the XLA products of an ``[n, k]`` weight with ``m`` rows of ``x``/``dy`` in a compute dtype
+    of ``itemsize`` bytes: the largest divisor of n up to ``ROW_TILE`` whose tiles hold whole quant blocks (a
+    multiple of 8 rows). None where the whole weight is decoded instead:
+
+    - the weight has at most ``TILE_ELEMENTS`` elements: decoding SmolLM2's weights whole, then one dot,
+      decodes 1.3-1.5x more tokens/s (``scripts/bench_decode.py``);
+    - the tiled backward product's f32 ``[m, k]`` sum would be more than a quarter of the decoded
+      weight (``16 m > itemsize n``: long micro-batches): the memory saved is small, and XLA's CPU
+      backend runs one big dot faster than that many tiles (``scripts/bench_products.py``);
+    - no such divisor, or one tile would be the whole weight.
+    """
+    if n * k <= TILE_ELEMENTS or 16 * m > itemsize * n:
         return None
     return next((r for r in range(min(ROW_TILE, n // 2), 7, -1)
-                 if n % r == 0 and r % 8 == 0 and (r * k) % weight.blocksize == 0), None)
+                 if n % r == 0 and r % 8 == 0 and (r * k) % blocksize == 0), None)
 
 
-def _tiled_forward(x: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Array:
-    """``x: [M, K] @ dequant(weight).T -> [M, N]``, dequantizing ``rows`` rows of the weight per step."""
+def _rows_per_tile(a: jax.Array, weight: QuantizedTensor) -> int | None:
+    """``tile_rows`` for the product of ``a: [M, width]`` with ``weight``."""
+    return tile_rows(*weight.shape, weight.blocksize, a.shape[0], a.dtype.itemsize)
+
+
+def _tile_decoder(weight: QuantizedTensor, rows: int, dtype):
+    """The weight's codes and absmax as ``[tiles, ...]`` and a function decoding one tile to ``[rows, K]``."""
     n, k = weight.shape
     packed = weight.packed.reshape(n // rows, rows * k // 2)  # [tiles, rows * K / 2]
     absmax = weight.absmax_f32().reshape(n // rows, rows * k // weight.blocksize)  # decoded once for all tiles
 
-    def tile(args):
-        tile_packed, tile_absmax = args
+    def decode(tile_packed, tile_absmax):
         blocks = tile_packed.reshape(-1, weight.blocksize // 2)
-        w = blockwise.decode_blocks(blocks, tile_absmax, weight.quant_type, x.dtype)
-        return jnp.einsum("mk,nk->mn", x, w.reshape(rows, k),
-                          preferred_element_type=jnp.float32).astype(x.dtype)  # [M, rows]
+        return blockwise.decode_blocks(blocks, tile_absmax, weight.quant_type, dtype).reshape(rows, k)
+
+    return packed, absmax, decode
+
+
+def _tiled_forward(x: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Array:
+    """``x: [M, K] @ dequant(weight).T -> [M, N]``, dequantizing ``rows`` rows of the weight per step."""
+    packed, absmax, decode = _tile_decoder(weight, rows, x.dtype)
+
+    def tile(args):
+        return jnp.einsum("mk,nk->mn", x, decode(*args), preferred_element_type=jnp.float32).astype(x.dtype)
 
     out = jax.lax.map(tile, (packed, absmax))  # [tiles, M, rows]
-    return out.transpose(1, 0, 2).reshape(x.shape[0], n)
+    return out.transpose(1, 0, 2).reshape(x.shape[0], weight.shape[0])
+
+
+def _tiled_backward(dy: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Array:
+    """``dy: [M, N] @ dequant(weight) -> [M, K]``, ``rows`` rows of the weight per step, summed in f32."""
+    n, k = weight.shape
+    packed, absmax, decode = _tile_decoder(weight, rows, dy.dtype)
+    dy_tiles = dy.reshape(dy.shape[0], n // rows, rows).transpose(1, 0, 2)  # [tiles, M, rows]
+
+    def tile(total, args):
+        tile_packed, tile_absmax, tile_dy = args
+        return total + jnp.einsum("mn,nk->mk", tile_dy, decode(tile_packed, tile_absmax),
+                                  preferred_element_type=jnp.float32), None
+
+    total, _ = jax.lax.scan(tile, jnp.zeros((dy.shape[0], k), jnp.float32), (packed, absmax, dy_tiles))
+    return total.astype(dy.dtype)
 
 
 def _xla_forward(x: jax.Array, weight: QuantizedTensor) -> jax.Array:
-    """The XLA forward product: tiled for few rows of ``x`` where the shape allows, else the reference."""
-    rows = tile_rows(weight) if x.shape[0] <= SMALL_M else None
+    """The XLA forward product: tiled where ``tile_rows`` allows, else the reference."""
+    rows = _rows_per_tile(x, weight)
     return nf4_matmul_reference(x, weight) if rows is None else _tiled_forward(x, weight, rows)
+
+
+def _xla_backward(dy: jax.Array, weight: QuantizedTensor) -> jax.Array:
+    """The XLA backward product: tiled where ``tile_rows`` allows, else the reference."""
+    rows = _rows_per_tile(dy, weight)
+    return nf4_matmul_t_reference(dy, weight) if rows is None else _tiled_backward(dy, weight, rows)
 
 
 _FORWARD = {"xla": _xla_forward, "pallas": nf4_matmul,
             "interpret": functools.partial(nf4_matmul, interpret=True)}
-_BACKWARD = {"xla": nf4_matmul_t_reference, "pallas": nf4_matmul_t,
+_BACKWARD = {"xla": _xla_backward, "pallas": nf4_matmul_t,
              "interpret": functools.partial(nf4_matmul_t, interpret=True)}
 
 

@@ -183,21 +183,23 @@ def test_kernel_input_errors():
 
 @pytest.mark.parametrize("m,n,k,quant_type,blocksize,double_quant", [
     (1, 2048, 1024, "nf4", 64, True), (8, 1024, 2048, "fp4", 128, False), (32, 4104, 512, "int4", 64, True),
-    (33, 2048, 1024, "nf4", 64, True), (1, 1536, 576, "nf4", 64, True), (1, 1100, 1024, "nf4", 64, True)])
-def test_xla_tiled_decode_product_matches_the_reference(m, n, k, quant_type, blocksize, double_quant):
-    """Few rows (decoding) of a weight above ``TILE_ELEMENTS`` take the tiled XLA forward where N splits into
-    tiles; the rest (more rows, SmolLM2-sized weights, no divisor) the reference."""
-    from qlora_jax.qmatmul import SMALL_M, _xla_forward, tile_rows
+    (33, 2048, 1024, "nf4", 64, True), (600, 2048, 1024, "nf4", 64, True), (1, 1536, 576, "nf4", 64, True),
+    (1, 1100, 1024, "nf4", 64, True)])
+def test_xla_tiled_products_match_the_reference(m, n, k, quant_type, blocksize, double_quant):
+    """Weights above ``TILE_ELEMENTS`` multiply tile by tile in both products where N splits into tiles and
+    the rows are few enough (``16 M <= 4 N`` in f32); the rest (many rows, SmolLM2-sized weights, no
+    divisor) decode whole, as the reference."""
+    from qlora_jax.qmatmul import _xla_backward, _xla_forward, tile_rows
 
     weight = quantize((jax.random.normal(jax.random.key(0), (n, k)) * 0.02).astype(jnp.bfloat16), blocksize=blocksize,
                       quant_type=quant_type, double_quant=double_quant)
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
-    rows = tile_rows(weight)
-    tiled = m <= SMALL_M and rows is not None
-    assert tiled == ((m, n) in ((1, 2048), (8, 1024), (32, 4104)))
-    if tiled:
-        assert n % rows == 0 and rows < n and rows % 8 == 0 and (rows * k) % blocksize == 0
+    dy = jax.random.normal(jax.random.key(2), (m, n), jnp.float32)
+    rows = tile_rows(n, k, blocksize, m, 4)
+    assert {(1, 2048): 256, (8, 1024): 256, (32, 4104): 216, (33, 2048): 256}.get((m, n)) == rows
     ours, reference = np.asarray(_xla_forward(x, weight)), np.asarray(nf4_matmul_reference(x, weight))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE[jnp.float32] * np.abs(reference).max())
+    ours, reference = np.asarray(_xla_backward(dy, weight)), np.asarray(nf4_matmul_t_reference(dy, weight))
     np.testing.assert_allclose(ours, reference, rtol=0, atol=TOLERANCE[jnp.float32] * np.abs(reference).max())
 
 
