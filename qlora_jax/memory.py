@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
                         help="where the step would run: attention is cuDNN's fused kernel on a GPU (bf16, head_dim "
                              "a multiple of 8 up to 128), XLA elsewhere (model.attention_implementation); 4-bit "
-                             "weights are decoded inside the fused kernels on a GPU, a layer at a time elsewhere")
+                             "weights are decoded inside the fused kernels on a GPU, whole or a tile of rows at a "
+                             "time elsewhere")
     parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
     parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
     parser.add_argument("--compiled", action="store_true",
