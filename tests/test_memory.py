@@ -179,6 +179,40 @@ def test_offloaded_optimizer_trains_bit_identically_and_stays_on_the_host(offloa
     assert {x.sharding.memory_kind for x in jax.tree.leaves(lora)} == {expected}
 
 
+@pytest.mark.parametrize("offload", ["host", "host_with_params"])
+def test_the_gpu_program_takes_and_returns_the_offloaded_state_in_host_memory(offload):
+    """The CPU backend counts all of its memory as device memory, so its analysis cannot show the offload.
+    Lowered for CUDA (``lowering_platforms``), the step's own signature does: every AdamW leaf (and with
+    ``host_with_params`` every adapter) arrives and leaves in ``pinned_host`` memory, and the copies to and
+    from the device inside the step are XLA's ``annotate_device_placement`` calls."""
+    from qlora_jax.config import OptimConfig
+    from qlora_jax.model import LlamaForCausalLM
+
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(TINY, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4),
+                                                    compute_dtype=jnp.bfloat16, remat="layer", rngs=nnx.Rngs(0)))
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    tx, _ = OptimConfig(offload=offload).build(10)
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+
+    def on_host(tree):
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host), tree)
+
+    opt_state = on_host(jax.eval_shape(tx.init, lora))
+    if offload == "host_with_params":
+        lora = on_host(lora)
+    ids = jax.ShapeDtypeStruct((1, 1, 16), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+    step = make_train_step(graphdef, tx, donate=True, loss_chunk=8, offload=offload)
+    text = step.trace(lora, opt_state, frozen, batch, jax.eval_shape(lambda: jax.random.key(0))).lower(
+        lowering_platforms=("cuda",)).as_text()
+    signature = text[text.index("func.func public @main("):]
+    arguments, results = signature[:signature.index("{\n")].split(") -> (")
+    on_host_leaves = len(jax.tree.leaves(opt_state)) + (len(jax.tree.leaves(lora)) if offload != "host" else 0)
+    assert arguments.count('mhlo.memory_kind = "pinned_host"') == on_host_leaves
+    assert results.count('mhlo.memory_kind = "pinned_host"') == on_host_leaves
+    assert "annotate_device_placement" in text
+
+
 def test_activation_offload_gives_the_gradients_of_plain_checkpointing():
     model = random_model(TINY, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4, dropout=0.0),
                          compute_dtype=jnp.float32, seed=5)
