@@ -6,7 +6,9 @@ import optax
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """Scales all updates by ``min(1, max_norm / global_norm)``, as ``torch.nn.utils.clip_grad_norm_`` does.
+    """Scales all updates by ``min(1, max_norm / global_norm)``: one factor for every element, as
+    ``torch.nn.utils.clip_grad_norm_`` applies it (without torch's 1e-6 added to the norm, so the
+    threshold and the clipped norm are optax's).
 
     optax's own ``clip_by_global_norm`` divides every element by the norm; XLA does not
     duplicate a division into several consumers, so the clipped gradients are written out as a
