@@ -9,13 +9,14 @@ import optax
 import pytest
 from flax import nnx
 
-from qlora_jax.config import LoraConfig, ModelConfig, QuantConfig
+from qlora_jax.config import LoraConfig, ModelConfig, OptimConfig, QuantConfig
 from qlora_jax.inspect import memory_report
 from qlora_jax.layer_scan import checkpointed_layers
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import Frozen, LoRAParam, QuantState
 from qlora_jax.loss import token_loss
 from qlora_jax.memory import PRESETS, StepShape, compiled_memory, for_platform, format_compiled, main, training_memory
+from qlora_jax.model import LlamaForCausalLM
 from qlora_jax.train import make_train_step
 
 TINY = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -185,9 +186,6 @@ def test_the_gpu_program_takes_and_returns_the_offloaded_state_in_host_memory(of
     Lowered for CUDA (``lowering_platforms``), the step's own signature does: every AdamW leaf (and with
     ``host_with_params`` every adapter) arrives and leaves in ``pinned_host`` memory, and the copies to and
     from the device inside the step are XLA's ``annotate_device_placement`` calls."""
-    from qlora_jax.config import OptimConfig
-    from qlora_jax.model import LlamaForCausalLM
-
     model = nnx.eval_shape(lambda: LlamaForCausalLM(TINY, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4),
                                                     compute_dtype=jnp.bfloat16, remat="layer", rngs=nnx.Rngs(0)))
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
