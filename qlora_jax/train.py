@@ -42,6 +42,7 @@ from .lora import LoRAParam
 from .loss import token_loss
 from .metrics import MetricsWriter, read_metrics, truncate_metrics, write_loss_plot
 from .model_source import compute_dtype, resolve_model_dir, source_name
+from .offload import update_by_layer
 from .peft import load_peft_adapter, save_peft_adapter
 from .progress import make_progress
 from .resume import check_resume
@@ -71,14 +72,18 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
     finite state is finite.
     ``offload`` (``OptimConfig.offload``): the optimizer state (and with ``host_with_params``
     the LoRA parameters) arrive in and return to pinned host memory; they visit the device
-    only inside the step. ``donate`` reuses the device buffers of the inputs (never on CPU).
+    only inside the step, one decoder layer at a time on one device (``offload.update_by_layer``),
+    each device's share at once on a mesh. ``donate`` reuses the device buffers of the inputs
+    (never on CPU). ``tx`` gets the gradients' global norm as ``global_norm`` (``clip``).
     ``layout``: the device shardings of ``(lora, opt_state)`` on a mesh; the step returns them
     laid out the same way (else XLA picks, and the next step would compile again).
     """
     offload_params = offload == "host_with_params"
+    by_layer = offload != "none" and layout is None
+    tx = optax.with_extra_args_support(tx)
 
     def step(lora, opt_state, frozen, batch, key):
-        if offload != "none":
+        if offload != "none" and not by_layer:
             opt_state = jax.device_put(opt_state, jax.memory.Space.Device)
         if offload_params:
             lora = jax.device_put(lora, jax.memory.Space.Device)
@@ -110,15 +115,18 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
         grads = jax.tree.map(lambda g: g / denominator, grads)
         grad_norm = optax.tree.norm(grads)
         applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
+                   "applied": applied}
+        if by_layer:
+            new_lora, new_opt_state = update_by_layer(tx, lora, opt_state, grads, grad_norm, applied, offload_params)
+            return new_lora, new_opt_state, metrics
 
         def update(lora, opt_state, grads):
-            updates, new_opt_state = tx.update(grads, opt_state, lora)
+            updates, new_opt_state = tx.update(grads, opt_state, lora, global_norm=grad_norm)
             return optax.apply_updates(lora, updates), new_opt_state
 
         new_lora, new_opt_state = jax.lax.cond(applied, update, lambda lora, opt_state, _: (lora, opt_state),
                                                lora, opt_state, grads)
-        metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
-                   "applied": applied}
         if layout is not None:
             new_lora, new_opt_state = jax.lax.with_sharding_constraint((new_lora, new_opt_state), layout)
         if offload != "none":

@@ -47,3 +47,14 @@ def test_the_clipped_update_writes_no_copy_of_the_gradients():
 
     assert temporaries(optax.clip_by_global_norm) >= 2 * 2**20
     assert temporaries(clip_by_global_norm) < 2**16
+
+
+def test_a_given_global_norm_clips_a_part_of_the_gradients_as_the_whole():
+    """The host-offloaded update (``qlora_jax.offload``) clips one layer at a time with the norm of all layers."""
+    clip = clip_by_global_norm(0.3)
+    grads = _gradients(1.0)
+    whole, _ = clip.update(grads, clip.init(grads))
+    part, _ = clip.update({"a": grads["a"]}, clip.init({"a": grads["a"]}), global_norm=optax.tree.norm(grads))
+    np.testing.assert_array_equal(part["a"], whole["a"])
+    alone, _ = clip.update({"a": grads["a"]}, clip.init({"a": grads["a"]}))
+    assert not np.allclose(alone["a"], whole["a"])  # its own norm would clip it differently

@@ -170,11 +170,13 @@ def trained_without_offload():
 
 
 @pytest.mark.parametrize("offload", ["host", "host_with_params"])
-def test_offloaded_optimizer_trains_bit_identically_and_stays_on_the_host(offload, trained_without_offload):
+def test_offloaded_optimizer_trains_as_on_the_device_and_stays_on_the_host(offload, trained_without_offload):
+    """The offloaded update runs one layer at a time (``qlora_jax.offload``): the same arithmetic, which XLA
+    fuses differently, so a few elements differ in the last bits (at most 4 units in the last place)."""
     lora_ref, opt_ref = trained_without_offload
     lora, opt_state = _train_pair(offload)
     for a, b in zip(jax.tree.leaves((lora, opt_state)), jax.tree.leaves((lora_ref, opt_ref)), strict=True):
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
     assert {x.sharding.memory_kind for x in jax.tree.leaves(opt_state)} == {"pinned_host"}
     expected = "pinned_host" if offload == "host_with_params" else "device"
     assert {x.sharding.memory_kind for x in jax.tree.leaves(lora)} == {expected}

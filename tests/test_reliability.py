@@ -442,7 +442,8 @@ def test_a_conversion_killed_midway_leaves_nothing_a_later_run_picks_up(inputs, 
 
 # --- non-finite steps, full disks ---------------------------------------------------------------------
 
-def test_a_non_finite_step_is_skipped_and_leaves_the_state_unchanged():
+@pytest.mark.parametrize("offload", ["none", "host"])
+def test_a_non_finite_step_is_skipped_and_leaves_the_state_unchanged(offload):
     config = ModelConfig(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
     model = random_model(config, quant=QuantConfig("nf4", 64, True), lora=LoraConfig(rank=4, dropout=0.0),
@@ -451,7 +452,9 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_state_unchanged():
     graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
     tx = optax.adam(0.1)
     opt_state = tx.init(lora)
-    step = make_train_step(graphdef, tx, donate=False)
+    if offload == "host":  # the update runs layer by layer (qlora_jax.offload)
+        opt_state = jax.device_put(opt_state, jax.memory.Space.Host)
+    step = make_train_step(graphdef, tx, donate=False, offload=offload)
     good = jnp.array([[[1, 2, 3, 4]]])
     bad = jnp.array([[[1, 7, 3, 4]]])
 
