@@ -25,12 +25,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quant_args(group) -> None:
-    """``--quant``, ``--blocksize``, ``--[no-]double-quant``: how the frozen base is held (``quant_config``)."""
+    """``--quant``, ``--blocksize``, ``--[no-]double-quant``, ``--kernel``: how the frozen base is held and
+    multiplied (``quant_config``)."""
     group.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int4", "none"],
                        help="how the frozen base is held (none: bf16)")
     group.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
     group.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                        help="8-bit absmax constants, as training uses by default")
+    group.add_argument("--kernel", default="auto", choices=["auto", "pallas", "xla"],
+                       help="4-bit matmul (quant.kernel): pallas (fused kernels, GPU), xla (dequantize + dot), auto "
+                            "(on a GPU pallas for few rows, as in decoding, else xla; xla elsewhere)")
 
 
 def apply_runtime_flags(args: argparse.Namespace) -> None:
@@ -41,7 +45,8 @@ def apply_runtime_flags(args: argparse.Namespace) -> None:
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The ``QuantConfig`` the flags describe (``ValueError`` naming the bad one)."""
-    return QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=args.double_quant)
+    return QuantConfig(quant_type=args.quant, blocksize=args.blocksize, double_quant=args.double_quant,
+                       kernel=args.kernel)
 
 
 def model_source(args: argparse.Namespace) -> str:

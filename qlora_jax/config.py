@@ -199,8 +199,9 @@ class QuantConfig:
     double_quant: bool = True
     """Quantize the absmax constants to 8 bits (QLoRA §3)."""
     kernel: Literal["auto", "pallas", "xla"] = "auto"
-    """4-bit matmul: pallas (fused Pallas/Triton kernels; interpreted, slowly, on CPU), xla (dequantize + dot),
-    auto (pallas on GPU, xla on CPU/TPU). Changes speed only, never what is stored."""
+    """4-bit matmul: xla (dequantize + dot), pallas (fused Pallas/Triton kernels; interpreted, slowly, on CPU),
+    auto (on a GPU the kernels for products with few rows, decoding, and xla for the rest; xla elsewhere:
+    ``qmatmul``). Changes speed only, never what is stored."""
 
     def __post_init__(self):
         from .quant import BLOCKSIZES

@@ -54,11 +54,12 @@ class StepShape:
     flash_attention: bool = True
     """cuDNN flash attention: the [B, H, T, T] probabilities are not kept (``model.attention_implementation``
     decides, as the model does)."""
-    fused_dequant: bool = True
-    """The fused Pallas kernels (GPU) decode 4-bit tiles in registers. The XLA path (CPU, TPU;
-    ``qmatmul``) decodes each weight to the compute dtype before its product, whole or a tile of
-    rows at a time (``decoded_bytes``), and XLA decodes a layer's weights as the layer starts: one
-    layer's decoded weights (or tiles) are alive at once."""
+    kernel: str = "xla"
+    """The 4-bit products as they run (``qmatmul.resolve_kernel``): ``xla`` decodes each weight to the
+    compute dtype before its product, whole or a tile of rows at a time (``decoded_bytes``), and XLA
+    decodes a layer's weights as the layer starts, so one layer's decoded weights (or tiles) are alive
+    at once; ``pallas`` (the fused kernels, GPU) decodes in registers; ``gpu`` (``auto`` on a GPU) runs
+    the kernels where ``xla`` would tile and decodes the other weights whole."""
     data: int = 1
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
@@ -73,12 +74,14 @@ class StepShape:
         return self.data * self.fsdp
 
 
-def for_platform(shape: StepShape, config: ModelConfig, platform: str) -> StepShape:
-    """``shape`` as it runs on ``platform`` (gpu, tpu, cpu): cuDNN attention by the model's rule
-    (``model.attention_implementation``), fused dequantization on a GPU only (``qmatmul``'s ``auto``)."""
+def for_platform(shape: StepShape, config: ModelConfig, platform: str, kernel: str = "auto") -> StepShape:
+    """``shape`` as it runs on ``platform`` (gpu, tpu, cpu) with ``quant.kernel`` = ``kernel``: cuDNN
+    attention by the model's rule (``model.attention_implementation``), the 4-bit products as
+    ``qmatmul.resolve_kernel`` picks them there."""
     dtype = jnp.float32 if shape.compute_bytes == 4 else jnp.bfloat16
     attention = attention_implementation(platform, dtype, config.head_dim, shape.seq_len, shape.seq_len)
-    return dataclasses.replace(shape, flash_attention=attention == "cudnn", fused_dequant=platform == "gpu")
+    products = "xla" if platform != "gpu" or kernel == "xla" else "gpu" if kernel == "auto" else "pallas"
+    return dataclasses.replace(shape, flash_attention=attention == "cudnn", kernel=products)
 
 
 def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: StepShape) -> dict[str, int]:
@@ -98,11 +101,14 @@ def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: 
     return {"all": kept + scores, "dots": dots, "input": n * b * d}
 
 
-def decoded_bytes(out: int, inp: int, blocksize: int, tokens: int, compute_bytes: int) -> int:
-    """Bytes the XLA path holds decoded for the products of one ``[out, inp]`` 4-bit weight with ``tokens``
-    rows: the whole weight in the compute dtype, or where ``qmatmul.tile_rows`` tiles it one tile and the
-    backward product's f32 ``[tokens, inp]`` sum."""
+def decoded_bytes(out: int, inp: int, blocksize: int, tokens: int, compute_bytes: int, kernel: str = "xla") -> int:
+    """Bytes held decoded for the products of one ``[out, inp]`` 4-bit weight with ``tokens`` rows
+    (``StepShape.kernel``): on the XLA path the whole weight in the compute dtype, or where
+    ``qmatmul.tile_rows`` tiles it one tile and the backward product's f32 ``[tokens, inp]`` sum;
+    nothing where the fused kernels run (``pallas``, and ``gpu`` where ``xla`` would tile)."""
     rows = tile_rows(out, inp, blocksize, tokens, compute_bytes)
+    if kernel == "pallas" or (kernel == "gpu" and rows is not None):
+        return 0
     if rows is None:
         return out * inp * compute_bytes
     return rows * inp * compute_bytes + tokens * inp * 4
@@ -146,12 +152,13 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "grad_accumulator": lora_bytes if shape.grad_accum > 1 and shape.checkpointing != "layer" else 0,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
         "activations": saved + logits,
-        "decoded_layer": 0 if shape.fused_dequant or not quant.quantized else sum(
-            decoded_bytes(out, inp, quant.blocksize, device_batch * shape.seq_len, shape.compute_bytes)
+        "decoded_layer": 0 if not quant.quantized else sum(
+            decoded_bytes(out, inp, quant.blocksize, device_batch * shape.seq_len, shape.compute_bytes, shape.kernel)
             for out, inp in config.linear_shapes().values()),
     }
-    # Offloaded state visits the device for the update, after the activations are freed; XLA moves it
-    # leaf by leaf (each adapter matrix with its two moments), so the transient is one leaf's worth.
+    # Offloaded state visits the device for the update, after the activations are freed, one decoder
+    # layer at a time (``offload.update_by_layer``): the transient is about one layer's adapter matrix,
+    # with its two moments, at a time.
     largest_leaf = 4 * lora.rank * max(max(shape_) for shape_ in config.linear_shapes().values())
     transient = max(3 * largest_leaf - parts["activations"], 0) if on_host else 0
     parts["total"] = sum(parts.values()) + transient
@@ -266,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
                         help="where the step would run: attention is cuDNN's fused kernel on a GPU (bf16, head_dim "
                              "a multiple of 8 up to 128), XLA elsewhere (model.attention_implementation); 4-bit "
-                             "weights are decoded inside the fused kernels on a GPU, whole or a tile of rows at a "
-                             "time elsewhere")
+                             "weights are decoded whole or a tile of rows at a time, or inside the fused kernels "
+                             "with --kernel pallas on a GPU")
     parser.add_argument("--data", type=int, default=1, help="mesh: data-parallel replicas")
     parser.add_argument("--fsdp", type=int, default=1, help="mesh: devices splitting the frozen weights")
     parser.add_argument("--compiled", action="store_true",
@@ -281,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoraConfig(rank=args.r, dora=args.dora)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
                           data=args.data, fsdp=args.fsdp, grad_accum=args.grad_accum)
-        formula = training_memory(config, quant, lora, for_platform(shape, config, args.platform))
+        formula = training_memory(config, quant, lora, for_platform(shape, config, args.platform, quant.kernel))
         print(format_report(args.model, formula, shape, lora, quant))
         if args.compiled:
-            here = for_platform(shape, config, jax.default_backend())
+            here = for_platform(shape, config, jax.default_backend(), quant.kernel)
             print(format_compiled(compiled_memory(config, quant, lora, here),
                                   training_memory(config, quant, lora, here), args.offload))
     except (ValueError, FileNotFoundError) as err:

@@ -8,12 +8,13 @@
 model in a second process (``scripts/peer_worker.py``, torch on 1 thread), interleaved with
 ours row by row: ``nf4`` against transformers + bitsandbytes NF4 (+ double quant, f32
 compute), ``bf16`` against transformers in bf16; the load average before and after is
-stated. The memory-bandwidth bound of a decode step is the weights it reads over this
-machine's read bandwidth (numpy summing a 1 GiB array). ``--llama-cpp`` adds llama.cpp
+stated. The memory-bandwidth bound of a decode step is the weights it reads over the
+device's read bandwidth (summing a 1 GiB array: numpy on CPU, jax on a GPU). ``--llama-cpp`` adds llama.cpp
 (``llama-cpp-python``, built from source: no wheel on PyPI for Linux) on the GGUF the model
 ships as (Q4_1, 2 threads, batch 1), the CPU decoding anchor. Variants: ``nf4``
-(NF4 + double quant, ``quant.kernel: auto``: the split-K Pallas kernel on GPU, XLA
-elsewhere), ``nf4-xla`` (XLA dequantize + dot, GPU only: the kernel's comparison) and
+(NF4 + double quant, ``quant.kernel: auto``: on a GPU the Pallas kernels where XLA would tile, which
+is every decode step, else XLA), ``nf4-xla`` and ``nf4-pallas`` (one kernel for every product; pallas on
+GPU only) and
 ``bf16`` (unquantized base). For each batch size: ``--prompt-len`` prompt tokens, then
 ``--new-tokens`` greedy tokens through ``qlora_jax.generate.generate_ids`` (one jitted
 call: prefill, then a ``lax.scan`` over decode steps). Prefill time is the median of a
@@ -37,7 +38,9 @@ from qlora_jax.config import QuantConfig
 from qlora_jax.generate import Sampling, generate_ids
 from qlora_jax.loading import load_model, random_model
 
-VARIANTS = {"nf4": QuantConfig("nf4", 64, True, kernel="auto"), "nf4-xla": QuantConfig("nf4", 64, True, kernel="xla"),
+VARIANTS = {"nf4": QuantConfig("nf4", 64, True, kernel="auto"),
+            "nf4-xla": QuantConfig("nf4", 64, True, kernel="xla"),
+            "nf4-pallas": QuantConfig("nf4", 64, True, kernel="pallas"),
             "bf16": QuantConfig("none")}
 GREEDY = Sampling(temperature=0.0, seed=0)
 PEER_VARIANT = {"nf4": "bnb-nf4", "bf16": "bf16"}
@@ -75,7 +78,10 @@ def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
 
 
 def read_bandwidth() -> float:
-    """Bytes/s numpy reads from memory here (median of 5 sums of a 1 GiB float32 array)."""
+    """Bytes/s the device reads (median of 5 sums of a 1 GiB float32 array: numpy's on CPU, jax's on a GPU)."""
+    if jax.default_backend() == "gpu":
+        array = jnp.ones(2**28, jnp.float32)
+        return array.nbytes / median_seconds(array.sum, 5)
     array = np.ones(2**28, np.float32)
     return array.nbytes / median_seconds(array.sum, 5)
 
@@ -116,7 +122,7 @@ def main() -> int:
                         help="also time llama.cpp (llama-cpp-python, 2 threads) on the wheel's Q4_1 GGUF, batch 1")
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers (bf16, bitsandbytes NF4) on the same model, interleaved")
-    parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
+    parser.add_argument("--variants", default="nf4,nf4-xla,nf4-pallas,bf16" if on_gpu else "nf4,bf16",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int_list, default=(1, 8), help="batch sizes, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -127,6 +133,8 @@ def main() -> int:
     names = [v.strip() for v in args.variants.split(",")]
     if not set(names) <= set(VARIANTS):
         return fail(f"--variants {args.variants!r}: expected a comma-separated list of {', '.join(VARIANTS)}")
+    if "nf4-pallas" in names and not on_gpu:
+        return fail("nf4-pallas needs a CUDA GPU (on CPU the kernels only run interpreted, in tests)")
     if args.peer and (args.model != "smollm2" or not set(names) <= set(PEER_VARIANT)):
         return fail("--peer compares the real model: use --model smollm2 and --variants from nf4, bf16")
     compute_dtype = jnp.dtype(args.compute_dtype) if args.compute_dtype else jnp.bfloat16 if on_gpu else jnp.float32

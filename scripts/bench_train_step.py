@@ -3,14 +3,15 @@
     python scripts/bench_train_step.py [--model smollm2|tinyllama-1.1b|llama-7b|tiny] [--out FILE]
     python scripts/bench_train_step.py --variants pallas --memory     # one variant: peak device memory
 
-Variants, measured side by side in one process: ``xla`` (NF4 + double quant, XLA
-dequantize + dot), ``pallas`` (the fused kernels; GPU only) and ``bf16`` (16-bit LoRA on a
-bf16 base). Each compiles once, runs ``--warmup`` steps, then ``--steps`` timed steps; the
-table gives the median step time, tokens/s and the throughput relative to the first
-variant (16-bit LoRA by default). Layers run as ``train`` runs them: ``lax.scan`` over the
+Variants, measured side by side in one process: ``auto`` (NF4 + double quant, ``quant.kernel``'s
+default: on a GPU the fused kernels where XLA would tile, else XLA; XLA elsewhere), ``xla`` (XLA
+dequantize + dot), ``pallas`` (the fused kernels; GPU only) and ``bf16`` (16-bit LoRA on a bf16
+base). Each compiles once, runs ``--warmup`` steps, then ``--steps`` timed steps; the table
+gives the median step time, tokens/s and the throughput relative to the first variant
+(16-bit LoRA by default). Layers run as ``train`` runs them: ``lax.scan`` over the
 decoder layers, the chosen checkpointing, loss chunk 128. The model is SmolLM2-135M-Instruct
 (real weights) on CPU, a random TinyLlama-1.1B-shaped model on GPU, or any preset of
-``qlora_jax.memory`` with random weights. Adapters: r=16 on all linear layers, AdamW.
+``qlora_jax.memory`` with random weights. Adapters: r=16 (``--rank``) on all linear layers, AdamW.
 
 ``--memory`` (one variant per process, since a device's peak counts the whole process):
 XLA's analysis of the compiled step (arguments, temporaries, outputs, aliased by
@@ -35,16 +36,15 @@ from qlora_jax import assets
 from qlora_jax.config import LoraConfig, QuantConfig
 from qlora_jax.loading import load_model, random_model
 from qlora_jax.lora import LoRAParam
-from qlora_jax.memory import StepShape, training_memory
-from qlora_jax.model import attention_implementation
+from qlora_jax.memory import StepShape, for_platform, training_memory
 from qlora_jax.train import make_train_step
 
 VARIANTS = {
+    "auto": ("QLoRA nf4+dq, auto kernel", QuantConfig("nf4", 64, True, kernel="auto")),
     "xla": ("QLoRA nf4+dq, xla kernel", QuantConfig("nf4", 64, True, kernel="xla")),
     "pallas": ("QLoRA nf4+dq, pallas kernel", QuantConfig("nf4", 64, True, kernel="pallas")),
     "bf16": ("16-bit LoRA (bf16 base)", QuantConfig("none")),
 }
-LORA = LoraConfig(rank=16, alpha=32, dropout=0.0)
 LOSS_CHUNK = 128
 
 
@@ -55,8 +55,13 @@ def build_model(name: str, quant: QuantConfig, lora: LoraConfig, compute_dtype, 
     return random_model(RANDOM_MODELS[name], quant=quant, lora=lora, compute_dtype=compute_dtype, remat=remat)
 
 
+def lora_config(rank: int) -> LoraConfig:
+    """The adapters timed: all linear layers, alpha = 2 * rank, no dropout."""
+    return LoraConfig(rank=rank, alpha=2 * rank, dropout=0.0)
+
+
 def time_variant(args, quant: QuantConfig, compute_dtype) -> dict:
-    model = build_model(args.model, quant, LORA, compute_dtype, args.checkpointing)
+    model = build_model(args.model, quant, lora_config(args.rank), compute_dtype, args.checkpointing)
     config = model.config
     graphdef, lora_params, frozen = nnx.split(model, LoRAParam, ...)
     del model
@@ -92,15 +97,14 @@ def _memory(compiled, config, quant: QuantConfig, args, compute_dtype) -> dict[s
     """MiB: XLA's count for the compiled step, the measured peak (None where the backend keeps no count), formula."""
     analysis = compiled.memory_analysis()
     stats = jax.devices()[0].memory_stats() or {}
-    shape = StepShape(args.batch, args.seq_len, args.checkpointing, loss_chunk=LOSS_CHUNK,
-                      compute_bytes=jnp.dtype(compute_dtype).itemsize,
-                      flash_attention=attention_implementation(jax.default_backend(), compute_dtype, config.head_dim,
-                                                               args.seq_len, args.seq_len) == "cudnn")
+    shape = for_platform(StepShape(args.batch, args.seq_len, args.checkpointing, loss_chunk=LOSS_CHUNK,
+                                   compute_bytes=jnp.dtype(compute_dtype).itemsize),
+                         config, jax.default_backend(), quant.kernel)
     parts = {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes,
              "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes}
     parts["compiled peak"] = parts["arguments"] + parts["temporaries"] + parts["outputs"] - parts["aliased"]
     parts["measured peak"] = stats.get("peak_bytes_in_use")
-    parts["formula"] = training_memory(config, quant, LORA, shape)["total"]
+    parts["formula"] = training_memory(config, quant, lora_config(args.rank), shape)["total"]
     return {name: None if value is None else value / 2**20 for name, value in parts.items()}
 
 
@@ -109,10 +113,11 @@ def main() -> int:
     on_gpu = jax.default_backend() == "gpu"
     parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS),
                         default="tinyllama-1.1b" if on_gpu else "smollm2")
-    parser.add_argument("--variants", default="bf16,xla,pallas" if on_gpu else "bf16,xla",
+    parser.add_argument("--variants", default="bf16,auto,xla,pallas" if on_gpu else "bf16,xla",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int, default=8 if on_gpu else 4)
     parser.add_argument("--seq-len", type=int, default=512 if on_gpu else 128)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--checkpointing", choices=("none", "layer", "layer_save_dots"), default="layer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10 if on_gpu else 5)
@@ -131,7 +136,7 @@ def main() -> int:
     report(f"# One training step, QLoRA vs 16-bit LoRA, on {jax.devices()[0].device_kind}", "",
            f"jax {jax.__version__}; model {args.model}; batch {args.batch} x {args.seq_len} tokens; "
            f"{jnp.dtype(compute_dtype).name} compute; layers scanned, gradient checkpointing {args.checkpointing}, "
-           f"loss chunk {LOSS_CHUNK}; LoRA r={LORA.rank} on all linear layers, AdamW; median of {args.steps} steps "
+           f"loss chunk {LOSS_CHUNK}; LoRA r={args.rank} on all linear layers, AdamW; median of {args.steps} steps "
            f"after {args.warmup} warm-up steps; `python scripts/bench_train_step.py {' '.join(sys.argv[1:])}`", "",
            "| variant | step s | tokens/s | vs " + VARIANTS[names[0]][0] + " | compile s | loss |",
            "|---|---|---|---|---|---|")

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The GPU proof in one run (issue 20): on the lent GPU machine, from the repository root,
+# The GPU proof in one run (issues 14 and 20): on the lent GPU machine, from the repository root,
 #
-#     OUT=/some/dir bash scripts/gpu_check.sh              # at most 8 minutes
+#     OUT=/some/dir bash scripts/gpu_check.sh              # at most 9.7 minutes
 #     OUT=/some/dir bash scripts/gpu_check.sh --rehearse   # the same steps on CPU, tiny shapes (tests/test_gpu_check.py)
+#     OUT=/some/dir bash scripts/gpu_check.sh --only 0,2,3 # only these steps
 #
 # It runs from the tree (PYTHONPATH=.) on the machine's own jax, flax, optax and orbax; wheels
 # the machine lacks travel in .whl/ and are installed into /tmp/site first; before the call, here:
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
-# (gguf is pure Python; qlora_jax.assets imports it). Each step
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0 tensorboardX==2.6.5
+# (both pure Python; qlora_jax.assets imports gguf, qlora_jax.metrics tensorboardX). Each step
 # has its own time limit and writes its markdown into $OUT line by line, so a step cut short
-# keeps what it measured and the next step still runs:
+# keeps what it measured and the next step still runs. Steps in order of what they prove:
 #   0. env.md: python, jax, the devices, package versions, and scripts/check_jax_api.py against this jax
 #   1. 1_kernels_check.md: every kernel compiled by Triton vs its *_reference twin
-#   2. 2_kernels_bench.md: fused NF4 matmul vs XLA dequantize+dot vs a bf16 dot, 7B and 70B shapes
-#   3. 3_train_step.md: QLoRA (XLA and Pallas) vs 16-bit LoRA train step, random TinyLlama-1.1B, seq 512
-#   4. 4_memory.md: that step's compiled memory, measured peak_bytes_in_use and the formula
-#   5. 5_decode.md: decode tokens/s at batch 1 and 8, NF4 vs bf16
-# Everything the run prints also goes to $OUT/gpu_check.log. Exit status: 1 if any step failed.
+#   2. 2_memory.md: measured peak_bytes_in_use of real train steps (random TinyLlama-1.1B, batch 8 x 512,
+#      r=16; random LLaMA-7B, batch 1 x 512, r=64; both with quant.kernel's default, auto) next to XLA's
+#      count of the compiled step and the formula
+#   3. 3_compiled_memory.md: python -m qlora_jax.memory --compiled for LLaMA-65B on this backend, optimizer
+#      state on the device and offloaded to host memory (which the CPU backend cannot tell apart)
+#   4. 4_train_step.md: QLoRA (auto, XLA, Pallas) vs 16-bit LoRA train step, random TinyLlama-1.1B, seq 512
+#   5. 5_kernels_bench.md: fused NF4 matmul vs XLA dequantize+dot vs a bf16 dot, 7B and 70B shapes
+#   6. 6_decode.md: decode tokens/s at batch 1 and 8, NF4 (auto, XLA, Pallas) vs bf16
+# Everything the run prints also goes to $OUT/gpu_check.log (8 files in all: what the device tool returns).
+# Exit status: 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu_check}"
@@ -33,25 +39,43 @@ else
 fi
 export PYTHONUNBUFFERED=1
 
-if [ "${1:-}" = "--rehearse" ]; then
+rehearse=0 only=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rehearse) rehearse=1 ;;
+        --only) only=",${2:?--only needs a comma-separated list of step numbers},"; shift ;;
+        *) echo "error: unknown argument $1 (expected --rehearse, --only N,N,...)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ $rehearse -eq 1 ]; then
     export JAX_PLATFORMS=cpu
     kernels=(--interpret --shapes 7b --m 1,16)
     train=(--model tiny --batch 2 --seq-len 32 --warmup 1 --steps 2)
-    memory=(--variants xla)
+    memory_small=(--model tiny --batch 2 --seq-len 32 --variants xla)
+    memory_large=(--model tiny --batch 1 --seq-len 32 --rank 8 --variants xla)
+    compiled=(--model tinyllama-1.1b --seq-len 64 --r 8)
     decode=(--model tiny --prompt-len 16 --new-tokens 8 --repeats 2)
-    limits=(60 120 120 120 120 120)
+    limits=(60 120 120 120 120 120 120)
 else
     kernels=(--shapes 7b,70b --m 1,16,512,4096)
     train=(--model tinyllama-1.1b --batch 8 --seq-len 512 --warmup 2 --steps 10)
-    memory=(--variants pallas)
+    memory_small=(--model tinyllama-1.1b --batch 8 --seq-len 512 --variants auto)
+    memory_large=(--model llama-7b --batch 1 --seq-len 512 --rank 64 --variants auto)
+    compiled=(--model llama-65b --seq-len 512 --r 64)
     decode=(--model tinyllama-1.1b --batch 1,8 --prompt-len 128 --new-tokens 64 --repeats 5)
-    limits=(40 100 110 100 55 60)  # 465 s: under 8 minutes with start-up
+    limits=(40 70 140 90 80 45 115)  # 580 s: under 10 minutes with start-up
 fi
 
 failed=0
 step() {  # step NUMBER TITLE COMMAND...: run COMMAND under the step's time limit, report its status
     local number=$1 title=$2 start=$SECONDS status
     shift 2
+    if [ -n "$only" ] && [[ $only != *",$number,"* ]]; then
+        echo "=== step $number: $title: not asked for (--only)"
+        return
+    fi
     echo "=== step $number: $title (limit ${limits[$number]} s)"
     if declare -F "$1" >/dev/null; then
         "$@"  # a shell function (quick): timeout runs programs only
@@ -93,14 +117,35 @@ PY
     return $status
 }
 
+memory() {  # both models, one process each (a device's peak counts the whole process), into one report
+    local limit=$((limits[2] / 3)) status=0
+    timeout "$limit" "$PYTHON" scripts/bench_train_step.py "${memory_small[@]}" --memory --warmup 0 --steps 2 \
+        --out /tmp/memory_small.md || status=1
+    timeout $((limits[2] - limit)) "$PYTHON" scripts/bench_train_step.py "${memory_large[@]}" --memory \
+        --warmup 0 --steps 2 --out /tmp/memory_large.md || status=1
+    cat /tmp/memory_small.md /tmp/memory_large.md > "$OUT/2_memory.md" 2>/dev/null
+    return $status
+}
+
+compiled_memory() {  # the optimizer state on the device, then offloaded to host memory
+    local limit=$((limits[3] / 2)) status=0 offload
+    for offload in none host; do
+        echo "## \`python -m qlora_jax.memory ${compiled[*]} --offload $offload --compiled\`"
+        echo '```'
+        timeout "$limit" "$PYTHON" -m qlora_jax.memory "${compiled[@]}" --offload "$offload" --compiled || status=1
+        echo '```'
+    done | tee "$OUT/3_compiled_memory.md"
+    return $status
+}
+
 step 0 "environment and jax API check" environment
 step 1 "kernels compiled and checked" "$PYTHON" scripts/bench_kernels.py --check "${kernels[@]}" \
     --out "$OUT/1_kernels_check.md"
-step 2 "kernel timings" "$PYTHON" scripts/bench_kernels.py "${kernels[@]}" --skip-check --out "$OUT/2_kernels_bench.md"
-step 3 "train step, QLoRA vs 16-bit LoRA" "$PYTHON" scripts/bench_train_step.py "${train[@]}" \
-    --out "$OUT/3_train_step.md"
-step 4 "memory of the train step" "$PYTHON" scripts/bench_train_step.py "${train[@]}" "${memory[@]}" --memory \
-    --warmup 0 --steps 2 --out "$OUT/4_memory.md"
-step 5 "decode tokens/s" "$PYTHON" scripts/bench_decode.py "${decode[@]}" --out "$OUT/5_decode.md"
+step 2 "measured memory of real train steps" memory
+step 3 "compiled memory of the 65B step" compiled_memory
+step 4 "train step, QLoRA vs 16-bit LoRA" "$PYTHON" scripts/bench_train_step.py "${train[@]}" \
+    --out "$OUT/4_train_step.md"
+step 5 "kernel timings" "$PYTHON" scripts/bench_kernels.py "${kernels[@]}" --skip-check --out "$OUT/5_kernels_bench.md"
+step 6 "decode tokens/s" "$PYTHON" scripts/bench_decode.py "${decode[@]}" --out "$OUT/6_decode.md"
 echo "=== gpu_check: $([ $failed -eq 0 ] && echo 'every step passed' || echo 'some steps FAILED'), $SECONDS s"
 exit $failed

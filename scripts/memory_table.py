@@ -67,8 +67,9 @@ def mesh_table() -> str:
              "bf16 embeddings/norms/head | LoRA params + grads | AdamW state | activations (est.) | per device |",
              "|---|---|---|---|---|---|---|---|---|"]
     for data, fsdp in ((1, 1), (8, 1), (2, 4), (1, 8)):
-        shape = StepShape(batch=data * fsdp, seq_len=512, data=data, fsdp=fsdp)
-        parts = training_memory(PRESETS["llama-65b"], quant, lora, shape)
+        config = PRESETS["llama-65b"]
+        shape = for_platform(StepShape(batch=data * fsdp, seq_len=512, data=data, fsdp=fsdp), config, "gpu")
+        parts = training_memory(config, quant, lora, shape)
         base = parts["quantized_weights"] + parts["quant_constants"]
         lines.append(f"| {data} x {fsdp} | {shape.batch} | {base / GIB:.2f} GiB | "
                      f"{parts['gathered_layer'] / GIB:.2f} GiB | "
@@ -76,7 +77,8 @@ def mesh_table() -> str:
                      f"{(parts['lora_params'] + parts['lora_grads']) / GIB:.2f} GiB | "
                      f"{parts['optimizer_state'] / GIB:.2f} GiB | {parts['activations'] / GIB:.2f} GiB | "
                      f"**{parts['total'] / GIB:.1f} GiB** |")
-    command = "`python scripts/memory_table.py` (seq 512, one sequence per device, r=64, NF4+DQ, layer checkpointing)"
+    command = ("`python scripts/memory_table.py` (seq 512, one sequence per device, r=64, NF4+DQ, layer checkpointing; "
+               "the formula for a GPU)")
     return "\n".join(lines) + "\n\n" + command + "\n"
 
 

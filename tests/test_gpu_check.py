@@ -28,8 +28,8 @@ def test_gpu_check_rehearsal_runs_every_step_and_reports_values(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "every step passed" in run.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "1_kernels_check.md", "2_kernels_bench.md", "3_train_step.md", "4_memory.md", "5_decode.md", "env.md",
-        "gpu_check.log"]
+        "1_kernels_check.md", "2_memory.md", "3_compiled_memory.md", "4_train_step.md", "5_kernels_bench.md",
+        "6_decode.md", "env.md", "gpu_check.log"]
     assert re.search(r"jax 0\.\d+\.\d+: \d+ names used by our code, 0 problems", (tmp_path / "env.md").read_text())
 
     checks = (tmp_path / "1_kernels_check.md").read_text()
@@ -37,23 +37,31 @@ def test_gpu_check_rehearsal_runs_every_step_and_reports_values(tmp_path):
     assert checks.count("(ok)") == 12 and "FAIL" not in checks
     assert {"split-K decode", "transposed"} <= set(re.findall(r"^- (split-K decode|transposed|forward)", checks, re.M))
 
-    timings = _rows((tmp_path / "2_kernels_bench.md").read_text())
+    timings = _rows((tmp_path / "5_kernels_bench.md").read_text())
     assert [(r[0], r[1]) for r in timings] == [("tiny (48 x 192)", "1"), ("tiny (48 x 192)", "16"),
                                               ("tiny (48 x 192)", "16")]
     assert all(float(r[2]) > 0 and float(r[6]) > 0 and float(r[10]) > 0 for r in timings)
 
-    steps = {r[0]: r for r in _rows((tmp_path / "3_train_step.md").read_text())}
+    steps = {r[0]: r for r in _rows((tmp_path / "4_train_step.md").read_text())}
     assert list(steps) == ["16-bit LoRA (bf16 base)", "QLoRA nf4+dq, xla kernel"]
     assert all(float(r[1]) > 0 and 4 < float(r[5]) < 8 for r in steps.values())  # loss near ln(512) = 6.24
 
-    memory = (tmp_path / "4_memory.md").read_text()
+    memory = (tmp_path / "2_memory.md").read_text()
+    assert "LoRA r=16 on all" in memory and "LoRA r=8 on all" in memory  # both models, each at its rank
     header = "| arguments | temporaries | outputs | aliased | compiled peak | measured peak | formula |"
-    cells = memory.split(header)[1].splitlines()[2].strip("| ").split(" | ")
-    values = dict(zip(header.strip("| ").split(" | "), cells, strict=True))
-    assert float(values["compiled peak"]) > float(values["arguments"]) > 0
-    assert values["measured peak"] == "n/a"  # the CPU backend keeps no allocator statistics
-    assert float(values["formula"]) > 0
+    assert memory.count(header) == 2
+    for table in memory.split(header)[1:]:
+        cells = table.splitlines()[2].strip("| ").split(" | ")
+        values = dict(zip(header.strip("| ").split(" | "), cells, strict=True))
+        assert float(values["compiled peak"]) > float(values["arguments"]) > 0
+        assert values["measured peak"] == "n/a"  # the CPU backend keeps no allocator statistics
+        assert float(values["formula"]) > 0
 
-    decode = _rows((tmp_path / "5_decode.md").read_text())
+    compiled = (tmp_path / "3_compiled_memory.md").read_text()
+    assert "--offload none --compiled" in compiled and "--offload host --compiled" in compiled
+    peaks = re.findall(r"^  peak +([\d.]+) GiB +formula +([\d.]+) GiB", compiled, re.M)
+    assert len(peaks) == 2 and all(float(v) > 0 for pair in peaks for v in pair)
+
+    decode = _rows((tmp_path / "6_decode.md").read_text())
     assert [(r[0], r[2]) for r in decode] == [("nf4", "1"), ("nf4", "8"), ("bf16", "1"), ("bf16", "8")]
     assert all(float(r[3]) > 0 for r in decode)

@@ -19,7 +19,7 @@ from pallas_kernels import (
 )
 from qlora_jax.config import LoraConfig, QuantConfig
 from qlora_jax.lora import LoRAParam, QLoRALinear
-from qlora_jax.qmatmul import _matmul_for, resolve_kernel
+from qlora_jax.qmatmul import _matmul_for, resolve_kernel, tile_rows
 from qlora_jax.quant import dequantize, quantize
 
 # Relative error bound, as max |kernel - reference| / max |reference|: f32 differs only in the order of
@@ -123,6 +123,20 @@ def test_layer_gradient_lowers_to_triton_for_cuda():
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward and transposed kernels
 
 
+@pytest.mark.parametrize("rows,fused", [(1, True), (128, True), (4096, False)])
+def test_auto_on_a_gpu_fuses_the_products_the_xla_path_would_tile(rows, fused):
+    """``auto`` on a GPU (``gpu``): the Triton kernels (forward and transposed) for decoding and short
+    prompts, where the XLA path would loop over row tiles; XLA's whole-weight dequantize + dot for long
+    micro-batches (a 2048 x 1024 weight in bf16 tiles up to 256 rows of x)."""
+    weight = jax.eval_shape(lambda w: quantize(w, "nf4", 64, True), jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16))
+    assert (tile_rows(2048, 1024, 64, rows, 2) is not None) == fused
+    matmul = _matmul_for("bfloat16", "gpu")
+    grad = jax.grad(lambda x, w: matmul(x, w).astype(jnp.float32).sum())
+    text = jax.jit(grad).trace(jax.ShapeDtypeStruct((rows, 1024), jnp.bfloat16), weight).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == (2 if fused else 0)
+
+
 def _layer(kernel: str) -> QLoRALinear:
     layer = QLoRALinear(256, 96, quant=QuantConfig("nf4", 64, True, kernel=kernel),
                         lora=LoraConfig(rank=8, alpha=16, dropout=0.0), compute_dtype=jnp.float32,
@@ -159,6 +173,8 @@ def test_kernel_choice_on_cpu():
     assert resolve_kernel("auto", weight) == "xla"
     assert resolve_kernel("pallas", weight) == "interpret"
     assert resolve_kernel("xla", weight) == "xla"
+    assert [resolve_kernel(k, weight, "gpu") for k in ("auto", "pallas", "xla")] == ["gpu", "pallas", "xla"]
+    assert resolve_kernel("auto", weight, "tpu") == "xla"
     odd_rows = quantize(jnp.ones((24, 128)), "nf4", 64, True)
     assert not supports(odd_rows) and resolve_kernel("pallas", odd_rows) == "xla"
     with pytest.raises(ValueError, match="kernel='triton' must be one of"):
@@ -189,7 +205,7 @@ def test_xla_tiled_products_match_the_reference(m, n, k, quant_type, blocksize, 
     """Weights above ``TILE_ELEMENTS`` multiply tile by tile in both products where N splits into tiles and
     the rows are few enough (``16 M <= 4 N`` in f32); the rest (many rows, SmolLM2-sized weights, no
     divisor) decode whole, as the reference."""
-    from qlora_jax.qmatmul import _xla_backward, _xla_forward, tile_rows
+    from qlora_jax.qmatmul import _xla_backward, _xla_forward
 
     weight = quantize((jax.random.normal(jax.random.key(0), (n, k)) * 0.02).astype(jnp.bfloat16), blocksize=blocksize,
                       quant_type=quant_type, double_quant=double_quant)
