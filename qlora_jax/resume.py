@@ -22,7 +22,7 @@ RESUMABLE = {
     "train.loss_chunk": "how the loss is split, not its value",
     "train.out_dir": "where the run lives", "train.run_name": "where the run lives",
     "train.compilation_cache": "where compiled programs are kept",
-    "optimizer.offload": "where AdamW's state lives between steps (training is bit-identical)",
+    "optimizer.offload": "where AdamW's state lives between steps (the same training, to float rounding)",
     "mesh.data": "checkpoints restore onto any mesh", "mesh.fsdp": "checkpoints restore onto any mesh",
 }
 STEPS_WITH_CONSTANT_SCHEDULE = "train.steps"
