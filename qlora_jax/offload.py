@@ -2,7 +2,7 @@
 
 Copying the whole AdamW state to the device for the update puts it all there at once, plus its
 updated copy: compiled for a GPU, LLaMA-65B's step with ``offload: host`` peaked 4.7 GiB above
-the step that keeps the state on the device (``benchmarks/results/gpu_check_h200``). Every LoRA
+the step that keeps the state on the device (``benchmarks/results/gpu_h200``). Every LoRA
 leaf has the stacked layers' leading axis, so the update runs as a ``lax.scan`` over that axis
 instead: each step copies one layer's slice of the state to the device, updates it, and copies it
 back, so one layer's state (at 65B, 1/80 of 6 GiB) is on the device at a time. The LoRA parameters
