@@ -10,9 +10,12 @@ against its XLA ``*_reference`` twin on fresh random inputs, for every table (nf
 int4), bf16 and f16, M and N off the tiles and K split into 3 parts, plus LLaMA-sized
 shapes; outputs must be finite (nothing unwritten) and within the per-dtype tolerance of
 ``tests/test_nf4_matmul.py``. Any mismatch stops the run with exit 1. The table: for each M
-and the (N, K) shapes of LLaMA-7B and LLaMA-70B linear layers, the median time of the
-Pallas forward kernel, of XLA dequantize + dot, and of a bf16 dot of the same shape, each
-one's speed relative to bf16 (bf16 time / its time: above 1 is faster), TFLOP/s and GB/s;
+and the (N, K) shapes of LLaMA-7B and LLaMA-70B linear layers, the median time per product
+of the Pallas forward kernel, of XLA dequantize + dot, and of a bf16 dot of the same shape
+(``--calls`` products in one jitted loop over as many copies of the weight, as a layer scan
+runs, so the 80-380 us that one jitted call costs on an H200 does not hide a product of a few
+microseconds), each one's speed relative to bf16
+(bf16 time / its time: above 1 is faster), TFLOP/s and GB/s;
 then the transposed (input-gradient) product at M = 512 and 4096. Each line is written to
 ``--out`` as soon as it is measured. Needs a CUDA GPU unless ``--interpret``.
 """
@@ -75,6 +78,27 @@ def check_correctness(cases, report: Report, interpret: bool) -> bool:
     return ok_all
 
 
+def per_product_seconds(product, a: jax.Array, weight, calls: int, repeats: int) -> float:
+    """Median seconds per ``product(a, weight)`` over runs of ``calls`` products in one jitted loop.
+
+    The loop goes over ``calls`` copies of the weight, one per product, as a model's layer scan
+    goes over its stacked weights: no product is loop-invariant, so none is hoisted out of the
+    loop, and each reads its weight from memory rather than from the cache of the one before.
+    Each product's input gets the previous output's maximum times zero added (XLA keeps ``x * 0``
+    for floats), which chains the products; that is a pass over the input and one over the output.
+    """
+    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf] * calls), weight)
+
+    def run(a, stacked):
+        def step(i, a):
+            layer = jax.tree.map(lambda leaf: leaf[i], stacked)
+            return a + (product(a, layer).max() * 0).astype(a.dtype)
+
+        return jax.lax.fori_loop(0, calls, step, a)
+
+    return median_seconds(functools.partial(jax.jit(run), a, stacked), repeats) / calls
+
+
 def _row(label: str, m: int, n: int, k: int, seconds: dict[str, float]) -> str:
     flops = 2 * m * n * k
     packed_bytes = n * k / 2 + n * k / 64 + n * k / 64 / 256 * 4  # codes, u8 absmax codes, nested absmax
@@ -92,22 +116,26 @@ HEADER = ("| layer (N x K) | M | pallas us | vs bf16 | TFLOP/s | GB/s | xla us |
           "| bf16 us | vs bf16 | TFLOP/s | GB/s |\n|" + "---|" * 14)
 
 
-def bench_table(m_values, shapes, transposed: bool, report: Report, interpret: bool, repeats: int) -> None:
+def bench_table(m_values, shapes, transposed: bool, report: Report, interpret: bool, repeats: int,
+                calls: int) -> None:
     kernel, reference = (nf4_matmul_t, nf4_matmul_t_reference) if transposed else (nf4_matmul, nf4_matmul_reference)
     kernel = functools.partial(kernel, interpret=interpret)
-    bf16_dot = jax.jit(lambda a, w: a @ w if transposed else a @ w.T)
+
+    def bf16_dot(a, w):
+        return a @ w if transposed else a @ w.T
+
     report(HEADER)
     for label, (n, k) in shapes.items():
         weight, dense = _weight(n, k, 0)
         for m in m_values:
             a = jax.random.normal(jax.random.key(m), (m, n if transposed else k), jnp.bfloat16)
-            seconds = {"pallas": median_seconds(functools.partial(jax.jit(kernel), a, weight), repeats),
-                       "xla": median_seconds(functools.partial(jax.jit(reference), a, weight), repeats),
-                       "bf16": median_seconds(functools.partial(bf16_dot, a, dense), repeats)}
+            seconds = {"pallas": per_product_seconds(kernel, a, weight, calls, repeats),
+                       "xla": per_product_seconds(reference, a, weight, calls, repeats),
+                       "bf16": per_product_seconds(bf16_dot, a, dense, calls, repeats)}
             report(_row(f"{label} ({n} x {k})", m, n, k, seconds))
 
 
-def sweep(report: Report) -> None:
+def sweep(report: Report, calls: int) -> None:
     """Time candidate tile sizes for each shape class of ``TUNED`` on LLaMA-7B's gate/up shape."""
     weight, _ = _weight(11008, 4096, 0)
     for max_m, tuned in TUNED:
@@ -121,8 +149,8 @@ def sweep(report: Report) -> None:
                         sizes = dataclasses.replace(tuned, block_m=block_m, block_n=block_n, splits=splits,
                                                     num_warps=num_warps)
                         try:
-                            fn = jax.jit(functools.partial(nf4_matmul, block_sizes=sizes))
-                            t = median_seconds(functools.partial(fn, x, weight), 10)
+                            t = per_product_seconds(functools.partial(nf4_matmul, block_sizes=sizes), x, weight,
+                                                    calls, 10)
                         except Exception as exc:  # a tile Triton cannot compile is skipped, not fatal
                             print(f"  skip {sizes}: {type(exc).__name__}", file=sys.stderr)
                             continue
@@ -140,16 +168,19 @@ def main() -> int:
     parser.add_argument("--shapes", default="7b,70b", help="comma-separated: 7b, 70b")
     parser.add_argument("--m", type=int_list, default=M_VALUES, help="rows of activations, comma-separated")
     parser.add_argument("--interpret", action="store_true", help="run the kernels in Pallas' interpreter (any backend)")
+    parser.add_argument("--calls", type=int, help="products per timed jitted loop (default 20; 2 with --interpret)")
     args = parser.parse_args()
     prefixes = tuple(p.strip().upper() + " " for p in args.shapes.split(","))
     if not set(prefixes) <= {"7B ", "70B "}:
         return fail(f"--shapes {args.shapes!r}: expected a comma-separated list of 7b, 70b")
     if jax.default_backend() != "gpu" and not args.interpret:
         return fail(f"bench_kernels.py needs a CUDA GPU (or --interpret); this backend is {jax.default_backend()!r}")
+    calls = args.calls or (2 if args.interpret else 20)
     report = Report(args.out)
     where = jax.devices()[0].device_kind + (" (Pallas interpreter)" if args.interpret else "")
     report(f"# 4-bit matmul kernels on {where}",
-           "", f"jax {jax.__version__}, blocksize 64 unless stated, double quant; `python scripts/bench_kernels.py "
+           "", f"jax {jax.__version__}, blocksize 64 unless stated, double quant; time per product over loops of "
+           f"{calls} products; `python scripts/bench_kernels.py "
            f"{' '.join(sys.argv[1:])}`")
     if not args.skip_check:
         report("", "## Triton compile + correctness vs the XLA reference", "")
@@ -160,15 +191,16 @@ def main() -> int:
         return 0
     if args.sweep:
         report("", "## Tile sweep", "")
-        sweep(report)
+        sweep(report, calls)
         return 0
     shapes = TINY_SHAPES if args.interpret else {k: v for k, v in SHAPES.items() if k.startswith(prefixes)}
     repeats = 2 if args.interpret else 10
     report("", "## y = x @ dequant(W).T (forward; M <= 16 decodes through split-K)", "")
-    bench_table(args.m, shapes, transposed=False, report=report, interpret=args.interpret, repeats=repeats)
+    bench_table(args.m, shapes, transposed=False, report=report, interpret=args.interpret, repeats=repeats,
+                calls=calls)
     report("", "## dx = dy @ dequant(W) (backward)", "")
     bench_table([m for m in args.m if m >= 512] or args.m[-1:], shapes, transposed=True, report=report,
-                interpret=args.interpret, repeats=repeats)
+                interpret=args.interpret, repeats=repeats, calls=calls)
     return 0
 
 
