@@ -122,7 +122,7 @@ def main() -> int:
                         help="also time llama.cpp (llama-cpp-python, 2 threads) on the wheel's Q4_1 GGUF, batch 1")
     parser.add_argument("--peer", action="store_true",
                         help="also run transformers (bf16, bitsandbytes NF4) on the same model, interleaved")
-    parser.add_argument("--variants", default="nf4,nf4-xla,nf4-pallas,bf16" if on_gpu else "nf4,bf16",
+    parser.add_argument("--variants", default="nf4,nf4-xla,bf16" if on_gpu else "nf4,bf16",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int_list, default=(1, 8), help="batch sizes, comma-separated")
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -20,7 +20,7 @@
 #      state on the device and offloaded to host memory (which the CPU backend cannot tell apart)
 #   4. 4_train_step.md: QLoRA (auto, XLA, Pallas) vs 16-bit LoRA train step, random TinyLlama-1.1B, seq 512
 #   5. 5_kernels_bench.md: fused NF4 matmul vs XLA dequantize+dot vs a bf16 dot, 7B and 70B shapes
-#   6. 6_decode.md: decode tokens/s at batch 1 and 8, NF4 (auto, XLA, Pallas) vs bf16
+#   6. 6_decode.md: decode tokens/s at batch 1 and 8, NF4 (auto, XLA) vs bf16
 # Everything the run prints also goes to $OUT/gpu_check.log (8 files in all: what the device tool returns).
 # Exit status: 1 if any step failed.
 set -uo pipefail
