@@ -274,6 +274,11 @@ def test_memory_cli(capsys):
     assert "optimizer offload host" in out and "total" in out and "(estimate)" in out
     assert main(["--model", "llama-7b", "--seq-len", "512", "--batch", "8", "--data", "2", "--fsdp", "4"]) == 0
     assert "mesh data 2 x fsdp 4 (per device)" in capsys.readouterr().out
+    decoded = {}
+    for kernel in ("auto", "pallas", "xla"):  # on a GPU at 4096 tokens auto decodes whole weights, as xla does
+        assert main(["--model", "llama-7b", "--seq-len", "4096", "--kernel", kernel]) == 0
+        decoded[kernel] = re.search(r"decoded layer +([\d.]+) GiB", capsys.readouterr().out).group(1)
+    assert decoded == {"auto": "0.38", "pallas": "0.00", "xla": "0.38"}
     assert main(["--model", "llama-8b", "--seq-len", "512"]) == 2
     err = capsys.readouterr().err
     assert err == ("error: --model 'llama-8b' is neither a model directory nor a preset "
