@@ -129,16 +129,19 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
     device_batch = shape.batch // shape.devices
     per_layer = layer_activation_bytes(config, lora, dataclasses.replace(shape, batch=device_batch))
     layers = config.num_hidden_layers
-    if shape.checkpointing == "none":
-        saved, host_saved = layers * per_layer["all"], 0
-    elif shape.checkpointing == "layer":
-        saved, host_saved = layers * per_layer["input"] + per_layer["all"], 0
-    elif shape.checkpointing == "layer_save_dots":
-        saved, host_saved = layers * (per_layer["input"] + per_layer["dots"]) + per_layer["all"], 0
-    else:  # layer_offload: the dots wait in host memory
-        saved, host_saved = layers * per_layer["input"] + per_layer["all"], layers * per_layer["dots"]
     chunk = shape.loss_chunk or shape.seq_len
     logits = 2 * device_batch * min(chunk, shape.seq_len) * config.vocab_size * 4  # f32 logits and their gradient
+    # With checkpointing, the loss's logits (forward and backward, before any layer's backward) and the
+    # one layer recomputed at a time in the backward pass are never alive together.
+    working = max(per_layer["all"], logits)
+    if shape.checkpointing == "none":
+        saved, host_saved = layers * per_layer["all"] + logits, 0
+    elif shape.checkpointing == "layer":
+        saved, host_saved = layers * per_layer["input"] + working, 0
+    elif shape.checkpointing == "layer_save_dots":
+        saved, host_saved = layers * (per_layer["input"] + per_layer["dots"]) + working, 0
+    else:  # layer_offload: the dots wait in host memory
+        saved, host_saved = layers * per_layer["input"] + working, layers * per_layer["dots"]
     optimizer = 2 * lora_bytes // shape.devices  # AdamW: mu and nu, f32
     on_host = {"none": 0, "host": optimizer, "host_with_params": optimizer + lora_bytes}[shape.offload]
     base_bytes = (weights["codes_bytes"] if quant.quantized else 0) + weights["constants_bytes"]
@@ -151,7 +154,7 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         "lora_grads": lora_bytes,
         "grad_accumulator": lora_bytes if shape.grad_accum > 1 and shape.checkpointing != "layer" else 0,
         "optimizer_state": optimizer if shape.offload == "none" else 0,
-        "activations": saved + logits,
+        "activations": saved,
         "decoded_layer": 0 if not quant.quantized else sum(
             decoded_bytes(out, inp, quant.blocksize, device_batch * shape.seq_len, shape.compute_bytes, shape.kernel)
             for out, inp in config.linear_shapes().values()),
