@@ -24,7 +24,7 @@ from .loading import read_config
 from .lora import LoRAParam
 from .model import LlamaForCausalLM, attention_implementation
 from .model_source import is_repo_id, resolve_model_dir
-from .qmatmul import tile_rows
+from .qmatmul import implementation, tile_rows
 from .train import make_train_step
 
 GIB = 1024 ** 3
@@ -58,8 +58,9 @@ class StepShape:
     """The 4-bit products as they run (``qmatmul.resolve_kernel``): ``xla`` decodes each weight to the
     compute dtype before its product, whole or a tile of rows at a time (``decoded_bytes``), and XLA
     decodes a layer's weights as the layer starts, so one layer's decoded weights (or tiles) are alive
-    at once; ``pallas`` (the fused kernels, GPU) decodes in registers; ``gpu`` (``auto`` on a GPU) runs
-    the kernels where ``xla`` would tile and decodes the other weights whole."""
+    at once (``interpret``, Pallas off a GPU, is counted as ``xla``); ``pallas`` (the fused kernels,
+    GPU) decodes in registers; ``gpu`` (``auto`` on a GPU) runs the kernels where ``xla`` would tile and
+    decodes the other weights whole."""
     data: int = 1
     """Mesh: data-parallel replicas."""
     fsdp: int = 1
@@ -80,8 +81,7 @@ def for_platform(shape: StepShape, config: ModelConfig, platform: str, kernel: s
     ``qmatmul.resolve_kernel`` picks them there."""
     dtype = jnp.float32 if shape.compute_bytes == 4 else jnp.bfloat16
     attention = attention_implementation(platform, dtype, config.head_dim, shape.seq_len, shape.seq_len)
-    products = "xla" if platform != "gpu" or kernel == "xla" else "gpu" if kernel == "auto" else "pallas"
-    return dataclasses.replace(shape, flash_attention=attention == "cudnn", kernel=products)
+    return dataclasses.replace(shape, flash_attention=attention == "cudnn", kernel=implementation(kernel, platform))
 
 
 def layer_activation_bytes(config: ModelConfig, lora: LoraConfig | None, shape: StepShape) -> dict[str, int]:

@@ -46,17 +46,23 @@ from .quant import QuantizedTensor, blockwise
 KERNELS = ("auto", "pallas", "xla")
 
 
-def resolve_kernel(kernel: str, weight: QuantizedTensor, platform: str | None = None) -> str:
-    """``auto``/``pallas``/``xla`` -> the implementation that runs on ``platform`` (default: here): ``xla``,
-    ``pallas``, ``interpret`` (Pallas off a GPU) or ``gpu`` (``auto`` on a GPU: per product, see above)."""
+def implementation(kernel: str, platform: str) -> str:
+    """``auto``/``pallas``/``xla`` -> what runs on ``platform`` for weights the kernels take: ``xla``,
+    ``pallas``, ``interpret`` (Pallas off a GPU) or ``gpu`` (``auto`` on a GPU: per product, see above).
+    The memory formula uses the same rule (``memory.for_platform``)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
-    on_gpu = (platform or jax.default_backend()) == "gpu"
-    if kernel == "xla" or not supports(weight) or (kernel == "auto" and not on_gpu):
+    if kernel == "xla" or (kernel == "auto" and platform != "gpu"):
         return "xla"
     if kernel == "auto":
         return "gpu"
-    return "pallas" if on_gpu else "interpret"
+    return "pallas" if platform == "gpu" else "interpret"
+
+
+def resolve_kernel(kernel: str, weight: QuantizedTensor, platform: str | None = None) -> str:
+    """``implementation`` on ``platform`` (default: here), ``xla`` for a weight the kernels do not take."""
+    chosen = implementation(kernel, platform or jax.default_backend())
+    return chosen if supports(weight) else "xla"
 
 
 def quantized_matmul(x: jax.Array, weight: QuantizedTensor, compute_dtype, kernel: str = "auto") -> jax.Array:
@@ -130,31 +136,28 @@ def _tiled_backward(dy: jax.Array, weight: QuantizedTensor, rows: int) -> jax.Ar
     return total.astype(dy.dtype)
 
 
-def _xla_forward(x: jax.Array, weight: QuantizedTensor) -> jax.Array:
-    """The XLA forward product: tiled where ``tile_rows`` allows, else the reference."""
-    rows = _rows_per_tile(x, weight)
-    return nf4_matmul_reference(x, weight) if rows is None else _tiled_forward(x, weight, rows)
+def _tiled_or_whole(tiled, whole):
+    """A product of ``a: [M, width]`` with a weight: ``tiled(a, weight, rows)`` where ``tile_rows`` tiles it,
+    else ``whole(a, weight)``."""
+    def product(a: jax.Array, weight: QuantizedTensor) -> jax.Array:
+        rows = _rows_per_tile(a, weight)
+        return whole(a, weight) if rows is None else tiled(a, weight, rows)
+
+    return product
 
 
-def _xla_backward(dy: jax.Array, weight: QuantizedTensor) -> jax.Array:
-    """The XLA backward product: tiled where ``tile_rows`` allows, else the reference."""
-    rows = _rows_per_tile(dy, weight)
-    return nf4_matmul_t_reference(dy, weight) if rows is None else _tiled_backward(dy, weight, rows)
+def _untiled(kernel):
+    """``kernel(a, weight)`` in ``tiled``'s place: the fused kernels decode in registers, no tiles needed."""
+    return lambda a, weight, _rows: kernel(a, weight)
 
 
-def _gpu_forward(x: jax.Array, weight: QuantizedTensor) -> jax.Array:
-    """``auto`` on a GPU: the fused kernel where the XLA path would tile, else the whole-weight reference."""
-    return nf4_matmul(x, weight) if _rows_per_tile(x, weight) is not None else nf4_matmul_reference(x, weight)
-
-
-def _gpu_backward(dy: jax.Array, weight: QuantizedTensor) -> jax.Array:
-    """``auto`` on a GPU, backward: as ``_gpu_forward``, by the rows of ``dy``."""
-    return nf4_matmul_t(dy, weight) if _rows_per_tile(dy, weight) is not None else nf4_matmul_t_reference(dy, weight)
-
-
-_FORWARD = {"xla": _xla_forward, "pallas": nf4_matmul, "gpu": _gpu_forward,
+_xla_forward = _tiled_or_whole(_tiled_forward, nf4_matmul_reference)
+_xla_backward = _tiled_or_whole(_tiled_backward, nf4_matmul_t_reference)
+_FORWARD = {"xla": _xla_forward, "pallas": nf4_matmul,
+            "gpu": _tiled_or_whole(_untiled(nf4_matmul), nf4_matmul_reference),
             "interpret": functools.partial(nf4_matmul, interpret=True)}
-_BACKWARD = {"xla": _xla_backward, "pallas": nf4_matmul_t, "gpu": _gpu_backward,
+_BACKWARD = {"xla": _xla_backward, "pallas": nf4_matmul_t,
+             "gpu": _tiled_or_whole(_untiled(nf4_matmul_t), nf4_matmul_t_reference),
              "interpret": functools.partial(nf4_matmul_t, interpret=True)}
 
 
