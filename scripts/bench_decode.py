@@ -79,10 +79,7 @@ def llama_cpp_row(prompt_len: int, new_tokens: int, repeats: int) -> dict:
 
 def read_bandwidth() -> float:
     """Bytes/s the device reads (median of 5 sums of a 1 GiB float32 array: numpy's on CPU, jax's on a GPU)."""
-    if jax.default_backend() == "gpu":
-        array = jnp.ones(2**28, jnp.float32)
-        return array.nbytes / median_seconds(array.sum, 5)
-    array = np.ones(2**28, np.float32)
+    array = (jnp if jax.default_backend() == "gpu" else np).ones(2**28, np.float32)
     return array.nbytes / median_seconds(array.sum, 5)
 
 
