@@ -50,8 +50,9 @@ class QLoRALinear(nnx.Module):
     """``y = x @ W.T (+ b) + scaling * dropout(x) @ A.T @ B.T`` with W frozen.
 
     Shapes: ``W: [out, in]`` stored quantized (``QuantState``) or as ``Frozen`` bf16;
-    ``lora_a: f32[R, in]``, ``lora_b: f32[out, R]`` (PEFT's layout); ``bias: [out]``
-    frozen. Math runs in ``compute_dtype`` with f32 accumulation.
+    ``lora_a: [R, in]``, ``lora_b: [out, R]`` (PEFT's layout) in ``lora.dtype`` (f32 unless
+    configured bf16; drawn in f32 and rounded); ``bias: [out]`` frozen. Math runs in
+    ``compute_dtype`` with f32 accumulation.
 
     DoRA (``lora.dora``) adds ``lora_magnitude: f32[out]`` (PEFT's ``lora_magnitude_vector``) and
     rescales each output feature by ``magnitude / ||W + scaling * B @ A||`` (row norm, held constant
@@ -60,7 +61,7 @@ class QLoRALinear(nnx.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, quant: QuantConfig, lora: LoraConfig | None,
-                 use_bias: bool = False, compute_dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 use_bias: bool = False, compute_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"QLoRALinear needs positive sizes, got in={in_features}, out={out_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -79,10 +80,11 @@ class QLoRALinear(nnx.Module):
         self.bias = Frozen(jnp.zeros((out_features,), jnp.bfloat16)) if use_bias else None
         self.lora = lora
         if lora is not None:
-            self.lora_a = LoRAParam(kaiming_uniform_a_sqrt5(rngs.params(), (lora.rank, in_features), param_dtype))
-            self.lora_b = LoRAParam(jnp.zeros((out_features, lora.rank), param_dtype))
+            dtype = jnp.dtype(lora.dtype)
+            self.lora_a = LoRAParam(kaiming_uniform_a_sqrt5(rngs.params(), (lora.rank, in_features)).astype(dtype))
+            self.lora_b = LoRAParam(jnp.zeros((out_features, lora.rank), dtype))
             # a placeholder: the loaders set it to the row norms of the loaded weight (init_lora)
-            self.lora_magnitude = LoRAParam(jnp.ones((out_features,), param_dtype)) if lora.dora else None
+            self.lora_magnitude = LoRAParam(jnp.ones((out_features,), dtype)) if lora.dora else None
 
     def load_weight(self, weight: jax.Array) -> None:
         """Set the frozen base weight from a full-precision ``[out, in]`` array, quantizing it if configured;
@@ -224,12 +226,12 @@ def init_lora(layers: nnx.Module, seed: int) -> None:
             continue
         a, b = module.lora_a.get_value(), module.lora_b.get_value()
         module.lora_a.set_value(jnp.stack([
-            kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:], a.dtype)
-            for i in range(a.shape[0])]))
+            kaiming_uniform_a_sqrt5(jax.random.fold_in(key, i * len(adapted) + position), a.shape[1:])
+            for i in range(a.shape[0])]).astype(a.dtype))
         module.lora_b.set_value(jnp.zeros(b.shape, b.dtype))
     for module in adapted:
         if module.lora.dora:
-            module.lora_magnitude.set_value(stacked_weight_norms(module))
+            module.lora_magnitude.set_value(stacked_weight_norms(module).astype(module.lora_magnitude.get_value().dtype))
 
 
 def stacked_weight_norms(module: QLoRALinear) -> jax.Array:

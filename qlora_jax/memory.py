@@ -142,7 +142,7 @@ def training_memory(config: ModelConfig, quant: QuantConfig, lora: LoraConfig, s
         saved, host_saved = layers * (per_layer["input"] + per_layer["dots"]) + working, 0
     else:  # layer_offload: the dots wait in host memory
         saved, host_saved = layers * per_layer["input"] + working, layers * per_layer["dots"]
-    optimizer = 2 * lora_bytes // shape.devices  # AdamW: mu and nu, f32
+    optimizer = 2 * 4 * weights["lora_params"] // shape.devices  # AdamW: mu and nu, f32 (optimizer_state)
     on_host = {"none": 0, "host": optimizer, "host_with_params": optimizer + lora_bytes}[shape.offload]
     base_bytes = (weights["codes_bytes"] if quant.quantized else 0) + weights["constants_bytes"]
     parts = {
@@ -252,7 +252,7 @@ def format_report(name: str, parts: dict[str, int], shape: StepShape, lora: Lora
     accum = f" x {shape.grad_accum} micro-batches" if shape.grad_accum > 1 else ""
     lines = [f"{name}: batch {shape.batch} x {shape.seq_len} tokens{accum}{mesh}, {quant.quant_type}"
              f"{'+dq' if quant.double_quant and quant.quantized else ''}, "
-             f"{'DoRA' if lora.dora else 'LoRA'} r={lora.rank} on "
+             f"{'DoRA' if lora.dora else 'LoRA'} r={lora.rank} ({lora.dtype}) on "
              f"{len(lora.targets)} projections, checkpointing {shape.checkpointing}, optimizer offload "
              f"{shape.offload}, loss chunk {shape.loss_chunk or 'none'}"]
     for key, value in parts.items():
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (train.grad_accum)")
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (all 7 projections)")
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (a magnitude per output feature)")
+    parser.add_argument("--lora-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the adapters and their gradients (lora.dtype); AdamW's moments are float32")
     add_quant_args(parser)
     parser.add_argument("--offload", default="none", choices=["none", "host", "host_with_params"])
     parser.add_argument("--checkpointing", default="layer", choices=CHECKPOINTING)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--seq-len, --batch, --grad-accum, --data and --fsdp must be >= 1, --loss-chunk >= 0")
         config = resolve_model(args.model)
         quant = quant_config(args)
-        lora = LoraConfig(rank=args.r, dora=args.dora)
+        lora = LoraConfig(rank=args.r, dora=args.dora, dtype=args.lora_dtype)
         shape = StepShape(args.batch, args.seq_len, args.checkpointing, args.offload, args.loss_chunk,
                           data=args.data, fsdp=args.fsdp, grad_accum=args.grad_accum)
         formula = training_memory(config, quant, lora, for_platform(shape, config, args.platform, quant.kernel))

@@ -111,7 +111,7 @@ def load_peft_adapter(model: LlamaForCausalLM, adapter_dir: str | Path) -> None:
             layer_shape = stacked.get_value().shape[1:]
             values = [_adapter_tensor(tensors, f"{prefix}.{name}", layer_shape, adapter_dir, weights)
                       for prefix in prefixes]
-            stacked.set_value(jnp.asarray(np.stack(values)))
+            stacked.set_value(jnp.asarray(np.stack(values), stacked.get_value().dtype))
 
 
 def _adapter_tensor(tensors: dict, key: str, shape: tuple, adapter_dir: Path, weights: Path) -> np.ndarray:

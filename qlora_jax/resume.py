@@ -31,6 +31,7 @@ REFUSED = {
     "model": "the checkpoint's adapters were trained on that base model",
     "quant": "the checkpoint's adapters were trained on that quantized base",
     "lora": "the checkpoint holds adapters of that shape and scaling",
+    "lora.dtype": "the checkpoint holds adapters of that precision",
     "data": "the saved data position would point at other examples (skipped or repeated data)",
     "optimizer": "the learning-rate schedule or update rule would change mid-run",
     "train.seed": "the held-out split and batch order would change (held-out examples could leak into training)",

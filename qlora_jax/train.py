@@ -112,8 +112,8 @@ def make_train_step(graphdef, tx, donate: bool, loss_chunk: int = 0, offload: st
         zeros = (jax.tree.map(jnp.zeros_like, lora), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
         (grads, loss_sum, count), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(batch["input_ids"].shape[0])))
         denominator = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
-        grad_norm = optax.tree.norm(grads)
+        grads = jax.tree.map(lambda g: (g / denominator).astype(g.dtype), grads)  # the adapters' dtype
+        grad_norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         applied = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
         metrics = {"loss": loss_sum / denominator, "grad_norm": grad_norm, "target_tokens": count,
                    "applied": applied}

@@ -36,6 +36,7 @@ def test_resume_allows_settings_that_keep_the_checkpoint_meaning(run_dir, overri
     ("optimizer.schedule=cosine", "optimizer.schedule", "'constant'", "'cosine'", "learning-rate schedule"),
     ("quant.blocksize=128", "quant.blocksize", "64", "128", "quantized base"),
     ("lora.rank=8", "lora.rank", "64", "8", "adapters of that shape"),
+    ("lora.dtype=bfloat16", "lora.dtype", "'float32'", "'bfloat16'", "adapters of that precision"),
     ("model.path=/elsewhere", "model.path", "'smollm2-135m-instruct'", "'/elsewhere'", "base model"),
 ])
 def test_resume_refuses_other_settings_naming_key_and_both_values(run_dir, override, key, old, new, why):

@@ -100,6 +100,67 @@ def test_optimizer_state_holds_only_lora_params(tiny_chat_model):
     assert nbytes(frozen) > lora_bytes  # the base exists, and got no state
 
 
+def test_bf16_adapters_get_float32_adamw_moments_and_float32_update_math():
+    """``lora.dtype: bfloat16`` as bitsandbytes' 32-bit AdamW runs it: the moments and the update are exactly
+    AdamW's on float32 copies of the bf16 parameters and gradients; only the new parameters are rounded."""
+    from qlora_jax.config import OptimConfig
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"a": jax.random.normal(keys[0], (8, 16)).astype(jnp.bfloat16),
+              "b": jax.random.normal(keys[1], (16,)).astype(jnp.bfloat16)}
+    grads = jax.tree.map(lambda p: (0.1 * jax.random.normal(keys[2], p.shape)).astype(jnp.bfloat16), params)
+    as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, grads))
+    tx, _ = OptimConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=0.0).build(10)
+    state = tx.init(params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state) if leaf.ndim} == {jnp.dtype(jnp.float32)}
+    import optax
+
+    reference = optax.adamw(1e-2, weight_decay=0.1)
+    reference_state = reference.init(as_f32[0])
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        want_updates, reference_state = reference.update(as_f32[1], reference_state, as_f32[0])
+        arrays = [[leaf for leaf in jax.tree.leaves(tree) if leaf.ndim]
+                  for tree in ((updates, state), (want_updates, reference_state))]  # updates, mu, nu
+        for got, want in zip(*arrays, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        new = optax.apply_updates(params, updates)
+        for name in params:
+            assert new[name].dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(new[name]), np.asarray(
+                (params[name].astype(jnp.float32) + updates[name]).astype(jnp.bfloat16)))
+        params = new
+        as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, grads))
+
+
+def test_bf16_adapters_train_and_save_what_they_hold(tiny_chat_model, chat_file, tmp_path):
+    """A run with ``lora.dtype: bfloat16`` trains (held-out loss falls as with float32 adapters), checkpoints
+    bf16 adapters with float32 moments, and its PEFT adapter (float32 tensors, as PEFT keeps adapters) holds
+    exactly the trained bf16 values."""
+    run_dir = tmp_path / "run"
+    summary = train(train_config(tiny_chat_model, chat_file, run_dir, **{"train.steps": 6, "lora.dtype": "bfloat16"}),
+                    log=lambda *_: None)
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    model = load_model(tiny_chat_model, quant="nf4", lora=LoraConfig(rank=4, dropout=0.1, dtype="bfloat16"))
+    _, lora, _ = nnx.split(model, LoRAParam, ...)
+    assert {leaf.dtype for leaf in jax.tree.leaves(lora)} == {jnp.dtype(jnp.bfloat16)}
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {np.dtype(np.float32)}
+    load_peft_adapter(model, run_dir / "adapter")
+    _, loaded, _ = nnx.split(model, LoRAParam, ...)
+    assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
+    for name, values in tensors.items():  # bf16 values, written exactly as float32
+        np.testing.assert_array_equal(values, values.astype(jnp.bfloat16).astype(np.float32), err_msg=name)
+    from qlora_jax.config import OptimConfig
+    from qlora_jax.train import _restore
+
+    saved_lora, saved_state, _ = _restore(run_dir, 6, lora, OptimConfig().build(6)[0].init(lora))
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved_lora)} == {jnp.dtype(jnp.bfloat16)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved_state) if leaf.ndim} == {jnp.dtype(jnp.float32)}
+    for saved, final in zip(jax.tree.leaves(saved_lora), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(final))  # the adapter is the last checkpoint
+
+
 def test_chat_masking_trains_exactly_the_assistant_replies(smollm2_dir):
     tokenizer = load_tokenizer(smollm2_dir)
     encoder = Encoder(tokenizer, DataConfig(format="chat", path="x", max_len=512))
@@ -172,6 +233,7 @@ def test_malformed_records_can_be_skipped_and_counted(smollm2_dir, tmp_path):
     ("quant.quant_type=nf5", r"quant.quant_type: 'nf5' is not one of 'nf4', 'fp4', 'int4', 'none'"),
     ("data.format=alpaca", r"data.path is required for data.format='alpaca'"),
     ("traing.steps=3", r"unknown key 'traing'; did you mean 'train'\?"),
+    ("lora.dtype=float16", r"lora.dtype: 'float16' is not one of 'float32', 'bfloat16'"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
