@@ -17,7 +17,8 @@
 #      r=16; random LLaMA-7B, batch 1 x 512, r=64; both with quant.kernel's default, auto) next to XLA's
 #      count of the compiled step and the formula
 #   3. 3_compiled_memory.md: python -m qlora_jax.memory --compiled for LLaMA-65B on this backend, optimizer
-#      state on the device and offloaded to host memory (which the CPU backend cannot tell apart)
+#      state on the device and offloaded to host memory (which the CPU backend cannot tell apart), and with
+#      bf16 adapters (lora.dtype: bfloat16) and the state on the device
 #   4. 4_train_step.md: QLoRA (auto, XLA, Pallas) vs 16-bit LoRA train step, random TinyLlama-1.1B, seq 512
 #   5. 5_kernels_bench.md: fused NF4 matmul vs XLA dequantize+dot vs a bf16 dot, 7B and 70B shapes
 #   6. 6_decode.md: decode tokens/s at batch 1 and 8, NF4 (auto, XLA) vs bf16
@@ -65,7 +66,7 @@ else
     memory_large=(--model llama-7b --batch 1 --seq-len 512 --rank 64 --variants auto)
     compiled=(--model llama-65b --seq-len 512 --r 64)
     decode=(--model tinyllama-1.1b --batch 1,8 --prompt-len 128 --new-tokens 64 --repeats 5)
-    limits=(40 70 140 90 80 45 100)  # 565 s: under the device tool's 600 s a call
+    limits=(40 70 125 105 80 45 100)  # 565 s: under the device tool's 600 s a call
 fi
 
 failed=0
@@ -127,12 +128,14 @@ memory() {  # both models, one process each (a device's peak counts the whole pr
     return $status
 }
 
-compiled_memory() {  # the optimizer state on the device, then offloaded to host memory
-    local limit=$((limits[3] / 2)) status=0 offload
-    for offload in none host; do
-        echo "## \`python -m qlora_jax.memory ${compiled[*]} --offload $offload --compiled\`"
+compiled_memory() {  # f32 adapters with the optimizer state on the device and offloaded; bf16 adapters (the paper's)
+    local limit=$((limits[3] / 3)) status=0 offload dtype
+    for run in none/float32 host/float32 none/bfloat16; do
+        offload=${run%/*} dtype=${run#*/}
+        echo "## \`python -m qlora_jax.memory ${compiled[*]} --offload $offload --lora-dtype $dtype --compiled\`"
         echo '```'
-        timeout "$limit" "$PYTHON" -m qlora_jax.memory "${compiled[@]}" --offload "$offload" --compiled || status=1
+        timeout "$limit" "$PYTHON" -m qlora_jax.memory "${compiled[@]}" --offload "$offload" --lora-dtype "$dtype" \
+            --compiled || status=1
         echo '```'
     done | tee "$OUT/3_compiled_memory.md"
     return $status

@@ -58,9 +58,11 @@ def test_gpu_check_rehearsal_runs_every_step_and_reports_values(tmp_path):
         assert float(values["formula"]) > 0
 
     compiled = (tmp_path / "3_compiled_memory.md").read_text()
-    assert "--offload none --compiled" in compiled and "--offload host --compiled" in compiled
+    for run in ("none --lora-dtype float32", "host --lora-dtype float32", "none --lora-dtype bfloat16"):
+        assert f"--offload {run} --compiled" in compiled
+    assert "LoRA r=8 (bfloat16)" in compiled
     peaks = re.findall(r"^  peak +([\d.]+) GiB +formula +([\d.]+) GiB", compiled, re.M)
-    assert len(peaks) == 2 and all(float(v) > 0 for pair in peaks for v in pair)
+    assert len(peaks) == 3 and all(float(v) > 0 for pair in peaks for v in pair)
 
     decode = _rows((tmp_path / "6_decode.md").read_text())
     assert [(r[0], r[2]) for r in decode] == [("nf4", "1"), ("nf4", "8"), ("bf16", "1"), ("bf16", "8")]
