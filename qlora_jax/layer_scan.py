@@ -43,7 +43,7 @@ def _slot(tree, index):
         layers = arrays[0].shape[0]
         return jax.lax.switch(index, [lambda arrays, i=i: [leaf[i] for leaf in arrays] for i in range(layers)], arrays)
 
-    wide = [i for i in range(len(leaves)) if i not in narrow]
+    wide = sorted(set(range(len(leaves))) - set(narrow))
     sliced = dict(zip(wide, dynamic([leaves[i] for i in wide], index), strict=True))
     if narrow:
         picked = jax.lax.platform_dependent([leaves[i] for i in narrow], index, cpu=static, default=dynamic)
@@ -76,9 +76,7 @@ def _as_bits(x: jax.Array) -> jax.Array:
     only through the layer's f32 norm; kept as floats, the whole ``[L, B, T, D]`` stack was stored
     converted to f32 (0.12 GiB more at LLaMA-7B, seq 512, bf16).
     """
-    if not _is_16_bit_float(x):
-        return x
-    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_16_bit_float(x) else x
 
 
 def _from_bits(bits: jax.Array, dtype) -> jax.Array:
