@@ -33,9 +33,6 @@ def _slot(tree, index):
     are therefore sliced by a ``switch`` over the layers' static slices; elsewhere, and for other
     leaves, by ``dynamic-slice``.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    narrow = [i for i, leaf in enumerate(leaves) if _is_16_bit_float(leaf)]
-
     def dynamic(arrays, index):
         return [jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False) for leaf in arrays]
 
@@ -43,12 +40,11 @@ def _slot(tree, index):
         layers = arrays[0].shape[0]
         return jax.lax.switch(index, [lambda arrays, i=i: [leaf[i] for leaf in arrays] for i in range(layers)], arrays)
 
-    wide = sorted(set(range(len(leaves))) - set(narrow))
-    sliced = dict(zip(wide, dynamic([leaves[i] for i in wide], index), strict=True))
-    if narrow:
-        picked = jax.lax.platform_dependent([leaves[i] for i in narrow], index, cpu=static, default=dynamic)
-        sliced.update(zip(narrow, picked, strict=True))
-    return jax.tree.unflatten(treedef, [sliced[i] for i in range(len(leaves))])
+    leaves, treedef = jax.tree.flatten(tree)
+    narrow = [leaf for leaf in leaves if _is_16_bit_float(leaf)]
+    picked = iter(jax.lax.platform_dependent(narrow, index, cpu=static, default=dynamic) if narrow else [])
+    return jax.tree.unflatten(treedef, [next(picked) if _is_16_bit_float(leaf) else dynamic([leaf], index)[0]
+                                        for leaf in leaves])
 
 
 def _is_16_bit_float(leaf) -> bool:
