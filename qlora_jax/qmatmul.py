@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import nf4_matmul, nf4_matmul_reference, nf4_matmul_t, nf4_matmul_t_reference, supports
 
 from . import parallel
-from .quant import QuantizedTensor, blockwise
+from .quant import QuantizedTensor, cpu_kernel
 
 KERNELS = ("auto", "pallas", "xla")
 
@@ -105,7 +105,7 @@ def _tile_decoder(weight: QuantizedTensor, rows: int, dtype):
 
     def decode(tile_packed, tile_absmax):
         blocks = tile_packed.reshape(-1, weight.blocksize // 2)
-        return blockwise.decode_blocks(blocks, tile_absmax, weight.quant_type, dtype).reshape(rows, k)
+        return cpu_kernel.decode_blocks(blocks, tile_absmax, weight.quant_type, dtype).reshape(rows, k)
 
     return packed, absmax, decode
 

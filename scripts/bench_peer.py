@@ -7,15 +7,18 @@ The setup of issue 15's table: SmolLM2-135M-Instruct, NF4 + double quant, LoRA r
 batch 4 x 128 tokens (the same token batches for every system), loss on every token.
 Ours runs in this process (JAX on the machine's cores), the peer in its own
 (``scripts/peer_worker.py``: PEFT's QLoRA recipe, torch on 1 thread, the fair setting on a
-shared 2-core machine). The systems alternate: our f32 step, our bf16-compute step, the
-peer's step, repeated ``--steps`` times after one warm-up step each (ours compiles there).
+shared 2-core machine). The systems alternate: our f32 step, our bf16-compute step (each twice: 4-bit
+decode through the C++ CPU kernel of ``quant.cpu_kernel``, and through the XLA path with
+``QLORA_JAX_CPU_KERNEL=off`` while that system compiles), the peer's step, repeated
+``--steps`` times after one warm-up step each (ours compiles there).
 Reported: median step seconds, tokens/s, the ratio to the peer, and the loss after the last
 step (equal batches, equal updates: the f32 and bf16 losses show what bf16 compute costs);
 load + quantize seconds; greedy decode tokens/s at batch 1 (128-token prompt, 64 new
-tokens). The load average is stated before and after.
+tokens), for ours with both decode paths. The load average is stated before and after.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -40,10 +43,25 @@ QUANT = QuantConfig("nf4", 64, True, kernel="xla")
 BATCH, SEQ_LEN, LR = 4, 128, 1e-4
 
 
-class Ours:
-    """Our QLoRA step on the same model, data and settings, with ``compute_dtype``."""
+@contextlib.contextmanager
+def decode_path(cpu_kernel: bool):
+    """Trace 4-bit decodes through the C++ CPU kernel, or through the XLA path (``QLORA_JAX_CPU_KERNEL``)."""
+    before = os.environ.get("QLORA_JAX_CPU_KERNEL")
+    os.environ["QLORA_JAX_CPU_KERNEL"] = "on" if cpu_kernel else "off"
+    try:
+        yield
+    finally:
+        os.environ.pop("QLORA_JAX_CPU_KERNEL")
+        if before is not None:
+            os.environ["QLORA_JAX_CPU_KERNEL"] = before
 
-    def __init__(self, model_dir: Path, compute_dtype):
+
+class Ours:
+    """Our QLoRA step on the same model, data and settings, with ``compute_dtype``, decoding 4-bit weights
+    through the CPU kernel or the XLA path (``cpu_kernel``)."""
+
+    def __init__(self, model_dir: Path, compute_dtype, cpu_kernel: bool):
+        self.cpu_kernel = cpu_kernel
         start = time.perf_counter()
         model = load_model(model_dir, quant=QUANT, lora=LORA, compute_dtype=compute_dtype, remat="layer")
         jax.block_until_ready(nnx.state(model))
@@ -58,8 +76,9 @@ class Ours:
         batch = {"input_ids": jnp.asarray(ids)[None], "attention_mask": jnp.ones((1, *ids.shape), jnp.int32),
                  "labels": jnp.asarray(ids)[None]}
         start = time.perf_counter()
-        self.lora, self.opt_state, metrics = self.step_fn(self.lora, self.opt_state, self.frozen, batch,
-                                                          jax.random.key(self.count))
+        with decode_path(self.cpu_kernel):  # read when the step compiles, at its first call
+            self.lora, self.opt_state, metrics = self.step_fn(self.lora, self.opt_state, self.frozen, batch,
+                                                              jax.random.key(self.count))
         loss = float(metrics["loss"])
         self.count += 1
         return {"seconds": time.perf_counter() - start, "loss": loss}
@@ -69,9 +88,11 @@ class Ours:
         ids = jnp.asarray(np.random.default_rng(1).integers(0, model.config.vocab_size, (1, prompt_len)), jnp.int32)
         mask = jnp.ones_like(ids, bool)
         greedy = Sampling()
-        prefill = median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=1, sampling=greedy), 3)
-        full = median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=new_tokens + 1, sampling=greedy),
-                              3)
+        jax.clear_caches()  # the other decode path's compiled programs have the same signature
+        with decode_path(self.cpu_kernel):
+            prefill = median_seconds(lambda: generate_ids(model, ids, mask, max_new_tokens=1, sampling=greedy), 3)
+            full = median_seconds(
+                lambda: generate_ids(model, ids, mask, max_new_tokens=new_tokens + 1, sampling=greedy), 3)
         return new_tokens / (full - prefill)
 
 
@@ -84,7 +105,10 @@ def main() -> int:
     load_before = os.getloadavg()
     peer = Peer(model_dir)
     peer_load = peer.ask(op="load_qlora", rank=LORA.rank, alpha=LORA.alpha, dropout=LORA.dropout, lr=LR)["seconds"]
-    ours = {"ours f32": Ours(model_dir, jnp.float32), "ours bf16 compute": Ours(model_dir, jnp.bfloat16)}
+    ours = {"ours f32": Ours(model_dir, jnp.float32, True),
+            "ours f32, XLA decode": Ours(model_dir, jnp.float32, False),
+            "ours bf16 compute": Ours(model_dir, jnp.bfloat16, True),
+            "ours bf16 compute, XLA decode": Ours(model_dir, jnp.bfloat16, False)}
     rng = np.random.default_rng(0)
     vocab = nnx.merge(ours["ours f32"].graphdef, ours["ours f32"].lora, ours["ours f32"].frozen).config.vocab_size
     batches = [rng.integers(0, vocab, (BATCH, SEQ_LEN)).astype(np.int32) for _ in range(args.steps + 1)]
@@ -95,21 +119,22 @@ def main() -> int:
         results["transformers + peft + bnb"].append(peer.ask(op="train_step", input_ids=ids.tolist()))
     peer_decode = peer.ask(op="decode", variant="bnb-nf4", batch=1, prompt_len=128, new_tokens=64, repeats=3)
     peer.close()
-    decode = {"ours f32": ours["ours f32"].decode_tokens_per_second(),
-              "transformers + peft + bnb": 64 / peer_decode["decode_seconds"]}
+    decode = {name: ours[name].decode_tokens_per_second() for name in ("ours f32", "ours f32, XLA decode")}
+    decode["transformers + peft + bnb"] = 64 / peer_decode["decode_seconds"]
     load_after = os.getloadavg()
     peer_seconds = statistics.median(r["seconds"] for r in results["transformers + peft + bnb"][1:])
     report = Report(args.out)
     report("# QLoRA train step, ours vs transformers + peft + bitsandbytes (CPU)", "",
            f"SmolLM2-135M-Instruct, NF4 + double quant, LoRA r=16 on all 7 projections, per-layer checkpointing, "
-           f"AdamW, batch {BATCH} x {SEQ_LEN}; median of {args.steps} interleaved steps after one warm-up each. "
+           f"AdamW, batch {BATCH} x {SEQ_LEN}; median of {args.steps} interleaved steps after one warm-up each; "
+           "4-bit decode through our C++ CPU kernel, or through the XLA path (`XLA decode`). "
            f"jax {jax.__version__} on {os.cpu_count()} cores (XLA's default threads); torch {peer.info['torch']} "
            f"on {peer.info['threads']} thread. Load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. "
            f"`python scripts/bench_peer.py {' '.join(sys.argv[1:])}`", "",
            "| system | step s | tokens/s | step time vs peer | loss after the last step | load + quantize s "
            "| decode tokens/s (batch 1) |", "|---|---|---|---|---|---|---|")
-    loads = {"ours f32": ours["ours f32"].load_seconds, "ours bf16 compute": ours["ours bf16 compute"].load_seconds,
-             "transformers + peft + bnb": peer_load}
+    loads = {name: system.load_seconds for name, system in ours.items()}
+    loads["transformers + peft + bnb"] = peer_load
     for name, steps in results.items():
         seconds = statistics.median(r["seconds"] for r in steps[1:])
         report(f"| {name} | {seconds:.2f} | {BATCH * SEQ_LEN / seconds:.0f} | {seconds / peer_seconds:.2f}x "

@@ -12,11 +12,12 @@ stdin, answers each with one JSON line:
   load + quantize seconds.
 - ``{"op": "train_step", "input_ids": [[...]]}``: one optimizer step (loss on every token);
   answers its seconds and loss.
-- ``{"op": "bnb_quantize", "shape": [N, K], "seed", "path"}``: a random N(0, 0.02) weight
-  quantized by bitsandbytes (NF4, blocksize 64, double quant), written to ``path`` (``.npz``:
-  the serialized state dict under ``w.weight...`` keys, and ``expected_f32``/``expected_bf16``,
-  bitsandbytes' dequantization as f32). Used by ``scripts/bench_dequant.py``.
-- ``{"op": "bnb_dequantize", "dtype": "f32"|"bf16", "count"}``: the seconds of ``count``
+- ``{"op": "bnb_quantize", "name", "shape": [N, K], "seed", "path"}``: a random N(0, 0.02) weight
+  quantized by bitsandbytes (NF4, blocksize 64, double quant), kept under ``name`` and written to
+  ``path`` (``.npz``: the serialized state dict under ``w.weight...`` keys, and
+  ``expected_f32``/``expected_bf16``, bitsandbytes' dequantization as f32). Used by
+  ``scripts/bench_dequant.py``.
+- ``{"op": "bnb_dequantize", "name", "dtype": "f32"|"bf16", "count"}``: the seconds of ``count``
   back-to-back ``dequantize_4bit`` calls on that weight.
 
 Torch runs on one thread (torch's two threads stall on a shared 2-core machine). Needs the
@@ -119,7 +120,7 @@ class BnbWeight:
 
 def main() -> None:
     torch.set_num_threads(1)
-    model_dir, models, qlora, bnb_weight = sys.argv[1], {}, None, None
+    model_dir, models, qlora, bnb_weights = sys.argv[1], {}, None, {}
     print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -129,10 +130,10 @@ def main() -> None:
             answer = decode(models[request["variant"]], request["batch"], request["prompt_len"],
                             request["new_tokens"], request["repeats"])
         elif request["op"] == "bnb_quantize":
-            bnb_weight = BnbWeight(request["shape"], request["seed"], request["path"])
+            bnb_weights[request["name"]] = BnbWeight(request["shape"], request["seed"], request["path"])
             answer = {"ok": True}
         elif request["op"] == "bnb_dequantize":
-            answer = bnb_weight.time(request["dtype"], request["count"])
+            answer = bnb_weights[request["name"]].time(request["dtype"], request["count"])
         elif request["op"] == "load_qlora":
             qlora = QLoRA(model_dir, request["rank"], request["alpha"], request["dropout"], request["lr"])
             answer = {"seconds": qlora.load_seconds}

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import blockwise
+from . import cpu_kernel as kernel_module
 from .codebooks import QUANT_TYPES
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -128,14 +129,24 @@ def _quantize(x: jax.Array, quant_type: str, blocksize: int, double_quant: bool)
                            blocksize=blocksize, quant_type=quant_type)
 
 
-def dequantize(q: QuantizedTensor, dtype=jnp.bfloat16) -> jax.Array:
-    """Decode ``q`` to an array of its original shape: values are computed in f32, then cast to ``dtype``."""
-    return _dequantize(q, jnp.dtype(dtype))
+def dequantize(q: QuantizedTensor, dtype=jnp.bfloat16, cpu_kernel: bool = True) -> jax.Array:
+    """Decode ``q`` to an array of its original shape: values are computed in f32, then cast to ``dtype``.
+
+    On the CPU the decode runs in the C++ kernel of ``quant.cpu_kernel`` where it is built and
+    enabled; ``cpu_kernel=False`` keeps it on the XLA path there too (the same bits; for comparisons).
+    """
+    return _dequantize(q, jnp.dtype(dtype), cpu_kernel and kernel_module.enabled())
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _dequantize(q: QuantizedTensor, dtype: jnp.dtype) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _dequantize(q: QuantizedTensor, dtype: jnp.dtype, use_cpu_kernel: bool) -> jax.Array:
     padding = q.num_blocks * q.blocksize // 2 - q.packed.shape[0]  # a partial last block decodes padded, then cut
     packed = jnp.pad(q.packed, (0, padding)) if padding else q.packed
-    values = blockwise.decode_blocks(packed.reshape(q.num_blocks, -1), q.absmax_f32(), q.quant_type, dtype)
+    blocks = packed.reshape(q.num_blocks, -1)
+    if not use_cpu_kernel:
+        values = blockwise.decode_blocks(blocks, q.absmax_f32(), q.quant_type, dtype)
+    elif q.double_quant:
+        values = kernel_module.decode_blocks(blocks, q.absmax, q.quant_type, dtype, q.nested_absmax, q.offset)
+    else:
+        values = kernel_module.decode_blocks(blocks, q.absmax, q.quant_type, dtype)
     return values.reshape(-1)[:q.numel].reshape(q.shape)
