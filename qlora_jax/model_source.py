@@ -80,10 +80,10 @@ def compute_dtype(name: str, training: bool = True, quantized: bool = True) -> j
 
     Measured on the 2-core CPU (README, "Against the PyTorch stack"): the default fine-tune
     reaches the same held-out loss in bf16 (3.6878 vs 3.6831) in less time, and a QLoRA step
-    is faster in bf16; so is generation from a 4-bit base, whose 16-bit decode packs two values
-    per word (``scripts/bench_decode.py --compute-dtype``: SmolLM2 NF4, batch 1, prefill 640 vs
-    296 tokens/s, decode on par). A 16-bit base decodes faster in f32 there (33 vs 23 tokens/s),
-    since XLA's CPU backend widens bf16 products.
+    is faster in bf16. From a 4-bit base bf16 reads prompts faster (``scripts/bench_decode.py
+    --compute-dtype float32,bfloat16``: SmolLM2 NF4, prefill 1.5-1.7x), decodes as fast at
+    batch 8 and, since the C++ decode kernel, 0.73x as fast at batch 1. A 16-bit base decodes
+    faster in f32 there (33 vs 23 tokens/s), since XLA's CPU backend widens bf16 products.
     """
     if name == "auto":
         f32 = not training and not quantized and jax.default_backend() == "cpu"

@@ -113,8 +113,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     on_gpu = jax.default_backend() == "gpu"
     parser.add_argument("--model", choices=("smollm2", *RANDOM_MODELS), default="tinyllama-1.1b")
-    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
-                        help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--compute-dtype",
+                        help="float32, bfloat16, or both comma-separated (rows per dtype, one after the other); "
+                             "default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama.cpp (llama-cpp-python, 2 threads) on the wheel's Q4_1 GGUF, batch 1")
     parser.add_argument("--peer", action="store_true",
@@ -134,14 +135,19 @@ def main() -> int:
         return fail("nf4-pallas needs a CUDA GPU (on CPU the kernels only run interpreted, in tests)")
     if args.peer and (args.model != "smollm2" or not set(names) <= set(PEER_VARIANT)):
         return fail("--peer compares the real model: use --model smollm2 and --variants from nf4, bf16")
-    compute_dtype = jnp.dtype(args.compute_dtype) if args.compute_dtype else jnp.bfloat16 if on_gpu else jnp.float32
+    dtype_names = args.compute_dtype.split(",") if args.compute_dtype else ["bfloat16" if on_gpu else "float32"]
+    if not set(dtype_names) <= {"float32", "bfloat16"} or len(set(dtype_names)) != len(dtype_names):
+        return fail(f"--compute-dtype {args.compute_dtype!r}: expected float32, bfloat16 or both, comma-separated")
+    if args.peer and len(dtype_names) > 1:
+        return fail("--peer compares one compute dtype at a time")
+    compute_dtypes = [jnp.dtype(name) for name in dtype_names]
     bandwidth = read_bandwidth()
     peer = Peer(assets.prepared_smollm2()) if args.peer else None
     load_before = os.getloadavg()
     report = Report(args.out)
     report(f"# Decoding on {jax.devices()[0].device_kind}", "",
            f"jax {jax.__version__} ({os.cpu_count()} CPU cores); {args.model}"
-           f"{'' if args.model == 'smollm2' else ' (random weights)'}; {jnp.dtype(compute_dtype).name} compute; "
+           f"{'' if args.model == 'smollm2' else ' (random weights)'}; {' and '.join(dtype_names)} compute; "
            f"prompt {args.prompt_len} tokens, {args.new_tokens} greedy tokens; median of {args.repeats}"
            + (f"; peer: transformers + torch {peer.info['torch']} on {peer.info['threads']} thread, in its own "
               f"process, interleaved row by row" if peer else "")
@@ -150,12 +156,13 @@ def main() -> int:
            "| variant | weights MiB | batch | prefill tokens/s | decode tokens/s | ms / decode step "
            "| bandwidth bound, tokens/s |" + (" ours / peer, decode |" if peer else ""),
            "|---|---|---|---|---|---|---|" + ("---|" if peer else ""))
-    for name in names:
+    for name, compute_dtype in [(name, dtype) for name in names for dtype in compute_dtypes]:
         model = build_model(args.model, VARIANTS[name], compute_dtype)
         weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
+        label = f"ours {name}" if peer else name if len(compute_dtypes) == 1 else f"{name}, {compute_dtype.name}"
         for batch in args.batch:
             r = measure(model, batch, args.prompt_len, args.new_tokens, args.repeats)
-            report(_row(f"ours {name}" if peer else name, weight_bytes, batch, r, bandwidth, " |" if peer else ""))
+            report(_row(label, weight_bytes, batch, r, bandwidth, " |" if peer else ""))
             if peer:
                 p = peer_decode(peer, name, batch, args.prompt_len, args.new_tokens, args.repeats)
                 ratio = (f" {r['decode_tokens_per_second'] / p['decode_tokens_per_second']:.2f}x |"
