@@ -142,3 +142,12 @@ def test_a_build_is_kept_and_reused(tmp_path):
     stamp = library.stat().st_mtime_ns
     assert cpu_kernel.build(tmp_path) == library and library.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no scratch left behind
+
+
+def test_an_empty_decode_returns_an_empty_array(builds):
+    packed = np.zeros((0, 32), np.uint8)
+    plain = cpu_kernel.kernel_decode(packed, np.zeros(0, np.float32), quant_type="nf4", dtype=jnp.float32,
+                                     suffix=builds["native"])
+    double = cpu_kernel.kernel_decode(packed, np.zeros(0, np.uint8), np.zeros(0, np.float32), np.float32(0),
+                                      quant_type="nf4", dtype=jnp.bfloat16, suffix=builds["native"])
+    assert plain.shape == double.shape == (0, 64) and double.dtype == jnp.bfloat16

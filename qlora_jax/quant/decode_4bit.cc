@@ -258,6 +258,7 @@ ffi::Error DecodeAll(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::U
                       std::string(name) + ": expects rows * half packed bytes (half a multiple of 16), rows absmax, "
                       "a 16-entry table and an output of 2 * rows * half values");
   }
+  if (rows == 0) return ffi::Error::Success();  // nothing to decode (and no row count to divide by)
   const uint8_t* codes = packed.typed_data();
   switch (out->element_type()) {
     case ffi::DataType::F32:
