@@ -143,10 +143,8 @@ def _dequantize(q: QuantizedTensor, dtype: jnp.dtype, use_cpu_kernel: bool) -> j
     padding = q.num_blocks * q.blocksize // 2 - q.packed.shape[0]  # a partial last block decodes padded, then cut
     packed = jnp.pad(q.packed, (0, padding)) if padding else q.packed
     blocks = packed.reshape(q.num_blocks, -1)
-    if not use_cpu_kernel:
-        values = blockwise.decode_blocks(blocks, q.absmax_f32(), q.quant_type, dtype)
-    elif q.double_quant:
+    if use_cpu_kernel:
         values = kernel_module.decode_blocks(blocks, q.absmax, q.quant_type, dtype, q.nested_absmax, q.offset)
     else:
-        values = kernel_module.decode_blocks(blocks, q.absmax, q.quant_type, dtype)
+        values = blockwise.decode_blocks(blocks, q.absmax_f32(), q.quant_type, dtype)
     return values.reshape(-1)[:q.numel].reshape(q.shape)
